@@ -282,7 +282,7 @@ EOF
       --bind-address 127.0.0.1 --secure-port "$KCM_PORT" \
       --controllers namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller,endpointslice-controller,root-ca-certificate-publisher-controller \
       --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
-      --use-service-account-credentials=false --leader-elect=false \
+      --use-service-account-credentials=true --leader-elect=false \
       >"$STATE_DIR/kube-controller-manager.log" 2>&1 < /dev/null &
     echo $! > "$STATE_DIR/kube-controller-manager.pid"
     # The serviceaccount controller creates `default` in every namespace; wait for it in `default`.

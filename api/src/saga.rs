@@ -53,8 +53,6 @@ pub const MAX_OUTPUT_BYTES: usize = 4096;
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(validation = Rule::new("self.steps.all(s, self.steps.exists_one(t, t.name == s.name))")
-    .message("spec.steps: step names must be unique").field_path(".steps").reason(Reason::FieldValueDuplicate))]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable once the saga is created; create a new Saga instead"))]
 #[serde(rename_all = "camelCase")]
 pub struct SagaSpec {
@@ -64,8 +62,9 @@ pub struct SagaSpec {
     pub input: Option<serde_json::Value>,
 
     /// The steps, run in order. Each step's JSON response body is its output, readable by later
-    /// steps as `{{ steps.NAME.output.path }}`.
+    /// steps as `{{ steps.NAME.output.path }}`. Step names are unique (a list keyed by name).
     #[schemars(length(min = 1, max = 50))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub steps: Vec<SagaStep>,
 
     /// Deadline of the whole saga, counted from its start (e.g. `5m`). When it passes, the
@@ -81,7 +80,10 @@ pub struct SagaSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SagaStep {
     /// Name of the step, unique in the saga (a DNS label such as `reserve-stock`).
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"),
+        length(max = 63)
+    )]
     pub name: String,
     /// The call that does the step's work.
     pub action: HttpCall,
@@ -111,7 +113,10 @@ pub struct HttpCall {
     pub service: String,
     /// Port name of the service; default: its first port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[a-z]([-a-z0-9]{0,13}[a-z0-9])?$"))]
+    #[schemars(
+        regex(pattern = r"^[a-z]([-a-z0-9]{0,13}[a-z0-9])?$"),
+        length(max = 15)
+    )]
     pub port: Option<String>,
     /// HTTP method. Default POST.
     #[serde(default)]
@@ -120,16 +125,33 @@ pub struct HttpCall {
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("path must start with '/'"))]
     pub path: String,
-    /// Extra request headers (values may hold templates).
+    /// Extra request headers (values may hold templates). Names are unique.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z0-9-]+$') && !(k.lowerAscii() in ['host', 'content-length', 'transfer-encoding', 'connection', 'idempotency-key', 'traceparent']))")
-        .message("header names must be tokens of letters, digits and '-', and must not be Host, Content-Length, Transfer-Encoding, Connection, Idempotency-Key or traceparent (Sagamesh sets those)"))]
-    pub headers: Option<BTreeMap<String, String>>,
+    #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub headers: Option<Vec<HttpHeader>>,
     /// Request body, any JSON value; string values may hold templates. Sent as
     /// `application/json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json_schema")]
     pub body: Option<serde_json::Value>,
+}
+
+/// One request header of a saga call.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!(self.name.lowerAscii() in ['host', 'content-length', 'transfer-encoding', 'connection', 'idempotency-key', 'traceparent', 'tracestate'])")
+    .message("header must not be Host, Content-Length, Transfer-Encoding, Connection, Idempotency-Key, traceparent or tracestate: Sagamesh sets those").field_path(".name"))]
+#[serde(rename_all = "camelCase")]
+pub struct HttpHeader {
+    /// Header name (an HTTP token such as `X-Tenant`).
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"),
+        length(min = 1, max = 256)
+    )]
+    pub name: String,
+    /// Header value; may hold templates.
+    #[schemars(length(max = 4096))]
+    pub value: String,
 }
 
 /// HTTP method of a saga call.

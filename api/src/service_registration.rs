@@ -56,8 +56,6 @@ pub const SERVICE_NAME_PATTERN: &str = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$";
 )]
 #[x_kube(validation = Rule::new("has(self.selector) != has(self.endpoints)")
     .message("exactly one of spec.selector and spec.endpoints must be set: selector for pods in the cluster, endpoints for explicit addresses"))]
-#[x_kube(validation = Rule::new("self.ports.all(p, self.ports.exists_one(q, q.name == p.name))")
-    .message("spec.ports: port names must be unique").field_path(".ports"))]
 #[x_kube(validation = Rule::new("self.ports.all(p, self.ports.exists_one(q, q.port == p.port))")
     .message("spec.ports: port numbers must be unique").field_path(".ports"))]
 #[serde(rename_all = "camelCase")]
@@ -66,18 +64,20 @@ pub struct ServiceRegistrationSpec {
     /// become endpoints, at each port's `targetPort`. If a Service of the same name exists, its
     /// EndpointSlices are used instead of pods. Mutually exclusive with `endpoints`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
     #[x_kube(validation = Rule::new("size(self) > 0").message("spec.selector must not be empty: an empty selector would match every pod"))]
     pub selector: Option<BTreeMap<String, String>>,
 
     /// Explicit endpoints, for workloads outside the cluster and for local mode. Mutually
     /// exclusive with `selector`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1000))]
+    #[schemars(length(max = 512))]
     pub endpoints: Option<Vec<ExplicitEndpoint>>,
 
     /// The ports the service is called on. Callers address `name:port`; the first port is used
-    /// when a caller gives none.
+    /// when a caller gives none. Port names and numbers are unique.
     #[schemars(length(min = 1, max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub ports: Vec<ServicePort>,
 
     /// How each caller's sidecar spreads requests over the endpoints.
@@ -135,7 +135,10 @@ pub struct ExplicitEndpoint {
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     /// Name of the port (a DNS label such as `http` or `grpc`), unique within the service.
-    #[schemars(regex(pattern = r"^[a-z]([-a-z0-9]{0,13}[a-z0-9])?$"))]
+    #[schemars(
+        regex(pattern = r"^[a-z]([-a-z0-9]{0,13}[a-z0-9])?$"),
+        length(max = 15)
+    )]
     pub name: String,
     /// Port callers address (`orders:8080`).
     #[schemars(range(min = 1, max = 65535))]

@@ -155,13 +155,25 @@ impl TestBed {
     }
 
     /// Applies every CRD in `crds/` with `kubectl apply` and waits until each is Established.
+    /// Tests in one process take turns; a race with another process creating the same CRD
+    /// (AlreadyExists, Conflict) is retried.
     pub async fn install_crds(&self) -> anyhow::Result<()> {
-        let out = self.kubectl(&["apply", "-f", &repo_root().join("crds").to_string_lossy()])?;
-        if !out.status.success() {
-            bail!(
-                "kubectl apply -f crds/ failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        static INSTALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _turn = INSTALL.lock().await;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let out =
+                self.kubectl(&["apply", "-f", &repo_root().join("crds").to_string_lossy()])?;
+            if out.status.success() {
+                break;
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let racing = stderr.contains("AlreadyExists") || stderr.contains("Conflict");
+            if !racing || attempt >= 3 {
+                bail!("kubectl apply -f crds/ failed: {stderr}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         for name in ["serviceregistrations.sagamesh.io", "sagas.sagamesh.io"] {
