@@ -2,6 +2,7 @@
 //! the CRD YAML generated from them, and the policy types the sidecar and operator share.
 
 pub mod crdgen;
+pub mod discovery;
 pub mod duration;
 pub mod saga;
 pub mod service_registration;
