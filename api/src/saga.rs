@@ -1,8 +1,6 @@
 //! `Saga` (short name `saga`): one distributed transaction of ordered steps, each an HTTP call to
 //! a registered service with a compensating call.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -35,23 +33,9 @@ pub const MAX_OUTPUT_BYTES: usize = 4096;
            with a compensating call. When a step fails for good, the completed steps are \
            compensated in reverse order. Delivery is at-least-once: every call carries an \
            Idempotency-Key so services can deduplicate.",
-    printcolumn(
-        name = "Phase",
-        type_ = "string",
-        json_path = ".status.phase",
-        description = "Saga phase"
-    ),
-    printcolumn(
-        name = "Step",
-        type_ = "string",
-        json_path = ".status.currentStep",
-        description = "Step running or compensating now"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Saga phase"}"#,
+    printcolumn = r#"{"name":"Step","type":"string","jsonPath":".status.currentStep","description":"Step running or compensating now"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable once the saga is created; create a new Saga instead"))]
 #[serde(rename_all = "camelCase")]
@@ -303,7 +287,13 @@ pub struct CallStatus {
     /// HTTP status of the last answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<u16>,
-    /// JSON response body (actions only), at most 4 KiB; larger outputs are refused.
+    /// The call failed without a definite answer (timed out, or the connection broke after the
+    /// request was sent), so it may have taken effect: a failed action in doubt is compensated
+    /// too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_doubt: Option<bool>,
+    /// JSON response body (actions only), at most 4 KiB; a larger output is not kept (and
+    /// templates reading it fail).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_json_schema")]
     pub output: Option<serde_json::Value>,

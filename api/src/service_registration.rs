@@ -30,29 +30,10 @@ pub const SERVICE_NAME_PATTERN: &str = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$";
     doc = "A service known to the Sagamesh mesh: where its endpoints come from (pods selected by \
            label, or explicit addresses) and the load-balancing, circuit-breaking, retry and \
            timeout policy every caller's sidecar applies to it.",
-    printcolumn(
-        name = "Ready",
-        type_ = "integer",
-        json_path = ".status.readyEndpoints",
-        description = "Ready endpoints"
-    ),
-    printcolumn(
-        name = "Total",
-        type_ = "integer",
-        json_path = ".status.totalEndpoints",
-        description = "All known endpoints"
-    ),
-    printcolumn(
-        name = "Policy",
-        type_ = "string",
-        json_path = ".spec.loadBalancer.policy",
-        description = "Load-balancing policy"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyEndpoints","description":"Ready endpoints"}"#,
+    printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.totalEndpoints","description":"All known endpoints"}"#,
+    printcolumn = r#"{"name":"Policy","type":"string","jsonPath":".spec.loadBalancer.policy","description":"Load-balancing policy"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("has(self.selector) != has(self.endpoints)")
     .message("exactly one of spec.selector and spec.endpoints must be set: selector for pods in the cluster, endpoints for explicit addresses"))]
