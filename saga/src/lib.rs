@@ -7,6 +7,7 @@
 //!   and a [`engine::ServiceCaller`].
 
 pub mod engine;
+pub mod file_store;
 pub mod state;
 pub mod template;
 
