@@ -1,5 +1,37 @@
-//! `sagamesh-sidecar`: the Sagamesh data plane (in progress; see the README status section).
+//! `sagamesh-sidecar`: the Sagamesh data plane. See `--help` for flags and their environment
+//! variables.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("the sidecar is not implemented yet; see the README status section")
+use anyhow::Context;
+use clap::Parser;
+use sagamesh_sidecar::Sidecar;
+use sagamesh_sidecar::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_logging(config.log_format);
+    let sidecar = Sidecar::start(config)
+        .await
+        .context("starting the sidecar")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        r = tokio::signal::ctrl_c() => {
+            r.context("waiting for Ctrl-C")?;
+            tracing::info!("SIGINT: draining");
+        }
+    }
+    sidecar.shutdown().await;
+    Ok(())
 }

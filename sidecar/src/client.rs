@@ -1,0 +1,871 @@
+//! The mesh client: the caller's side of every request to a meshed service — discovery,
+//! balancing, circuit breaking, retries with a budget, timeouts and load shedding. The outbound
+//! proxy is a thin HTTP front of [`MeshClient::send`]; the saga engine uses the same type.
+//!
+//! Flow of one request: resolve the destination (waiting up to `discovery_timeout` for the
+//! first answer), shed if too many are in flight, buffer the body when the request may be
+//! retried, then attempt → classify → record in the endpoint's breaker → retry (budget,
+//! backoff, another endpoint) until success, a non-retryable answer, or the overall deadline.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use prometheus_client::metrics::gauge::Gauge;
+use sagamesh_api::discovery as pb;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::balance::Balancer;
+use crate::body::{self, BoxBody, Guarded};
+use crate::breaker::{Admit, BreakerState};
+use crate::discovery::{Discover, Resolution};
+use crate::endpoint::{Endpoint, InFlight};
+use crate::error::MeshError;
+use crate::metrics::{
+    AttemptLabels, DestinationLabels, EndpointLabels, Metrics, RequestLabels, ServiceLabels,
+    status_class,
+};
+use crate::name::{ServiceKey, Target};
+use crate::policy::{RetryConfig, ServicePolicy};
+use crate::retry::{self, Outcome};
+
+/// Client settings that are not per-service policy.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// How long a request waits for discovery's first answer about a new destination.
+    pub discovery_timeout: Duration,
+    /// Largest request body kept in memory so the request can be retried; a larger body is
+    /// sent once.
+    pub max_retry_body_bytes: u64,
+    /// TCP connect timeout to an endpoint.
+    pub connect_timeout: Duration,
+    /// How long idle pooled connections are kept.
+    pub pool_idle_timeout: Duration,
+    /// Random jitter on retry backoff (turn off for repeatable tests).
+    pub jitter: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            discovery_timeout: Duration::from_secs(3),
+            max_retry_body_bytes: 64 * 1024,
+            connect_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(90),
+            jitter: true,
+        }
+    }
+}
+
+/// The state of one destination as of its last discovery update.
+struct DestState {
+    resolution: Resolution,
+    snapshot: Option<Arc<pb::Snapshot>>,
+    policy: ServicePolicy,
+    endpoints: Vec<Arc<Endpoint>>,
+    /// (ready, port name) per endpoint.
+    meta: Vec<(bool, String)>,
+    balancer: Balancer,
+    budget: Option<(RetryBudgetKey, Arc<TpsBudget>)>,
+}
+
+type RetryBudgetKey = (u32, u32, Duration);
+
+fn budget_key(r: &RetryConfig) -> RetryBudgetKey {
+    (
+        r.budget_ratio.to_bits(),
+        r.budget_min_per_second,
+        r.budget_ttl,
+    )
+}
+
+impl DestState {
+    fn build(resolution: Resolution, previous: Option<&DestState>) -> Self {
+        let snapshot = match &resolution {
+            Resolution::Snapshot { snapshot, .. } => Some(snapshot.clone()),
+            _ => None,
+        };
+        let policy = ServicePolicy::from_proto(snapshot.as_ref().and_then(|s| s.policy.as_ref()));
+        let mut endpoints = Vec::new();
+        let mut meta = Vec::new();
+        for e in snapshot.iter().flat_map(|s| s.endpoints.iter()) {
+            let Ok(port) = u16::try_from(e.port) else {
+                continue;
+            };
+            if port == 0 || e.address.is_empty() {
+                continue;
+            }
+            let weight = if e.weight == 0 { 1 } else { e.weight };
+            let key = format!("{}:{port}", e.address);
+            // Keep load and breaker state of endpoints that stay.
+            let reused = previous.and_then(|p| {
+                p.endpoints.iter().find(|x| {
+                    x.key == key
+                        && x.weight == weight
+                        && x.breaker
+                            .lock()
+                            .is_ok_and(|b| *b.config() == policy.breaker)
+                })
+            });
+            let ep = match reused {
+                Some(x) => x.clone(),
+                None => Arc::new(Endpoint::new(
+                    e.address.clone(),
+                    port,
+                    weight,
+                    e.zone.clone(),
+                    policy.breaker.clone(),
+                )),
+            };
+            if endpoints.iter().any(|x: &Arc<Endpoint>| x.key == ep.key) {
+                continue;
+            }
+            endpoints.push(ep);
+            meta.push((e.ready, e.port_name.clone()));
+        }
+        let balancer = Balancer::new(policy.balance.clone(), &endpoints);
+        let budget = policy.retry.as_ref().map(|r| {
+            let key = budget_key(r);
+            match previous
+                .and_then(|p| p.budget.as_ref())
+                .filter(|(k, _)| *k == key)
+            {
+                Some(b) => b.clone(),
+                None => (
+                    key,
+                    Arc::new(TpsBudget::new(
+                        r.budget_ttl,
+                        r.budget_min_per_second.min(i32::MAX as u32 - 1),
+                        r.budget_ratio,
+                    )),
+                ),
+            }
+        });
+        DestState {
+            resolution,
+            snapshot,
+            policy,
+            endpoints,
+            meta,
+            balancer,
+            budget,
+        }
+    }
+}
+
+struct Destination {
+    label: String,
+    rx: Mutex<watch::Receiver<Resolution>>,
+    state: RwLock<Arc<DestState>>,
+    in_flight: Arc<AtomicU32>,
+}
+
+impl Destination {
+    fn current(&self) -> Arc<DestState> {
+        let changed = {
+            let Ok(mut rx) = self.rx.lock() else {
+                return self.snapshot_state();
+            };
+            if rx.has_changed().unwrap_or(false) {
+                Some(rx.borrow_and_update().clone())
+            } else {
+                None
+            }
+        };
+        if let Some(resolution) = changed
+            && let Ok(mut st) = self.state.write()
+        {
+            let next = DestState::build(resolution, Some(&st));
+            *st = Arc::new(next);
+        }
+        self.snapshot_state()
+    }
+
+    fn snapshot_state(&self) -> Arc<DestState> {
+        match self.state.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    async fn wait_resolved(&self, timeout: Duration) -> Arc<DestState> {
+        let st = self.current();
+        if !matches!(st.resolution, Resolution::Pending) {
+            return st;
+        }
+        let rx = self.rx.lock().ok().map(|rx| rx.clone());
+        if let Some(mut rx) = rx {
+            let _ =
+                tokio::time::timeout(timeout, rx.wait_for(|r| !matches!(r, Resolution::Pending)))
+                    .await;
+        }
+        self.current()
+    }
+}
+
+/// A request's hold on its destination's in-flight count.
+struct DestInFlight {
+    counter: Arc<AtomicU32>,
+    gauge: Gauge,
+}
+
+impl Drop for DestInFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// The guards a response body keeps until it ends.
+#[allow(dead_code)]
+struct ResponseGuards {
+    dest: DestInFlight,
+    endpoint: InFlight,
+}
+
+struct Inner {
+    discover: Arc<dyn Discover>,
+    cfg: ClientConfig,
+    metrics: Metrics,
+    destinations: Mutex<HashMap<ServiceKey, Arc<Destination>>>,
+    h1: Client<HttpConnector, BoxBody>,
+    h2: Client<HttpConnector, BoxBody>,
+}
+
+/// The mesh client. Cheap to clone; all clones share pools, breakers and budgets.
+#[derive(Clone)]
+pub struct MeshClient {
+    inner: Arc<Inner>,
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .filter(|s| !s.is_empty())
+        .collect();
+    for h in named {
+        headers.remove(h.as_str());
+    }
+    // gRPC needs `te: trailers` end to end.
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The HTTP status a gRPC status code stands for, for breaker and retry decisions: UNAVAILABLE
+/// is a 503, DEADLINE_EXCEEDED a 504, INTERNAL/UNKNOWN/DATA_LOSS a 500; others are the
+/// caller's business (200).
+fn grpc_status_as_http(headers: &HeaderMap) -> Option<StatusCode> {
+    let code: u32 = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(match code {
+        14 => StatusCode::SERVICE_UNAVAILABLE,
+        4 => StatusCode::GATEWAY_TIMEOUT,
+        2 | 13 | 15 => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::OK,
+    })
+}
+
+impl MeshClient {
+    pub fn new(discover: Arc<dyn Discover>, cfg: ClientConfig, metrics: Metrics) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_nodelay(true);
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .http2_only(true)
+            .build(connector);
+        MeshClient {
+            inner: Arc::new(Inner {
+                discover,
+                cfg,
+                metrics,
+                destinations: Mutex::new(HashMap::new()),
+                h1,
+                h2,
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn discover(&self) -> &Arc<dyn Discover> {
+        &self.inner.discover
+    }
+
+    fn destination(&self, key: &ServiceKey) -> Arc<Destination> {
+        let mut map = match self.inner.destinations.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(key.clone())
+            .or_insert_with(|| {
+                let mut rx = self.inner.discover.watch(key);
+                let first = rx.borrow_and_update().clone();
+                Arc::new(Destination {
+                    label: key.to_string(),
+                    rx: Mutex::new(rx),
+                    state: RwLock::new(Arc::new(DestState::build(first, None))),
+                    in_flight: Arc::new(AtomicU32::new(0)),
+                })
+            })
+            .clone()
+    }
+
+    /// Sends a request to `target` and records it in the outbound metrics. The request's URI
+    /// path and query are kept; its scheme and authority are replaced per endpoint.
+    pub async fn send(
+        &self,
+        target: &Target,
+        req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, MeshError> {
+        let start = Instant::now();
+        let result = self.send_inner(target, req).await;
+        let (status, error) = match &result {
+            Ok(r) => (r.status(), ""),
+            Err(e) => (e.status(), e.code()),
+        };
+        let destination = target.service.to_string();
+        let m = &self.inner.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                direction: "outbound".into(),
+                destination: destination.clone(),
+                status_class: status_class(status),
+                error: error.into(),
+            })
+            .inc();
+        m.latency
+            .get_or_create(&DestinationLabels {
+                direction: "outbound".into(),
+                destination,
+            })
+            .observe(start.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        target: &Target,
+        req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, MeshError> {
+        let dest = self.destination(&target.service);
+        let state = dest.wait_resolved(self.inner.cfg.discovery_timeout).await;
+        let name = &dest.label;
+        let snapshot = match &state.resolution {
+            Resolution::Snapshot { .. } => state.snapshot.clone(),
+            Resolution::DoesNotExist { .. } => None,
+            Resolution::Pending => {
+                return Err(MeshError::UnknownService(format!(
+                    "{name} (discovery has not answered)"
+                )));
+            }
+        }
+        .ok_or_else(|| MeshError::UnknownService(name.clone()))?;
+
+        // The port: the one named, else the first.
+        let port = match target.port {
+            Some(p) => snapshot
+                .ports
+                .iter()
+                .find(|x| x.port == u32::from(p))
+                .ok_or_else(|| MeshError::UnknownService(format!("{name} has no port {p}")))?,
+            None => snapshot
+                .ports
+                .first()
+                .ok_or_else(|| MeshError::NoEndpoints(name.clone()))?,
+        };
+        let first_port = snapshot.ports.first().map(|p| p.name.as_str());
+        let grpc = pb::Protocol::try_from(port.protocol) == Ok(pb::Protocol::Grpc);
+        let candidates: Vec<usize> = state
+            .meta
+            .iter()
+            .enumerate()
+            .filter(|(_, (ready, port_name))| {
+                *ready
+                    && (port_name == &port.name
+                        || (port_name.is_empty() && first_port == Some(port.name.as_str())))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if candidates.is_empty() {
+            return Err(MeshError::NoEndpoints(name.clone()));
+        }
+
+        // Load shedding.
+        let policy = &state.policy;
+        if dest.in_flight.fetch_add(1, Ordering::Relaxed) >= policy.max_in_flight {
+            dest.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(MeshError::Overloaded(name.clone()));
+        }
+        let gauge = self
+            .inner
+            .metrics
+            .in_flight
+            .get_or_create(&DestinationLabels {
+                direction: "outbound".into(),
+                destination: name.clone(),
+            })
+            .clone();
+        gauge.inc();
+        let dest_guard = DestInFlight {
+            counter: dest.in_flight.clone(),
+            gauge,
+        };
+
+        let (mut parts, body) = req.into_parts();
+        let use_h2 = grpc || parts.version == Version::HTTP_2;
+        let authority = target_authority(&parts, target);
+        strip_hop_by_hop(&mut parts.headers);
+        if use_h2 {
+            parts.headers.remove(header::HOST);
+        } else if !parts.headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+
+        // Retries need a replayable body.
+        if let Some((_, b)) = &state.budget {
+            b.deposit();
+        }
+        let mut retry_cfg = policy
+            .retry
+            .as_ref()
+            .filter(|r| r.attempts > 1 && retry::may_retry(r, &parts.method, &parts.headers));
+        let mut body = Some(body);
+        let mut buffered: Option<Bytes> = None;
+        if retry_cfg.is_some() {
+            let b = body.take().unwrap_or_else(body::empty);
+            let exact = b.size_hint().exact();
+            if b.is_end_stream() {
+                buffered = Some(Bytes::new());
+            } else if exact.is_some_and(|n| n <= self.inner.cfg.max_retry_body_bytes) {
+                let collected =
+                    http_body_util::Limited::new(b, self.inner.cfg.max_retry_body_bytes as usize)
+                        .collect()
+                        .await
+                        .map_err(|e| MeshError::BadRequest(format!("reading request body: {e}")))?;
+                buffered = Some(collected.to_bytes());
+            } else {
+                body = Some(b);
+                retry_cfg = None;
+            }
+        }
+        let attempts = retry_cfg.map(|r| r.attempts).unwrap_or(1);
+
+        let run = self.attempts(
+            &state,
+            name,
+            &candidates,
+            &parts,
+            body,
+            buffered,
+            retry_cfg,
+            attempts,
+            use_h2,
+        );
+        let result = match policy.timeout {
+            Some(t) => match tokio::time::timeout(t, run).await {
+                Ok(r) => r,
+                Err(_) => Err(MeshError::Timeout(name.clone())),
+            },
+            None => run.await,
+        };
+        result.map(|(resp, ep_guard)| {
+            resp.map(|b| {
+                body::boxed(Guarded::new(
+                    b,
+                    ResponseGuards {
+                        dest: dest_guard,
+                        endpoint: ep_guard,
+                    },
+                ))
+            })
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        state: &DestState,
+        name: &str,
+        candidates: &[usize],
+        parts: &http::request::Parts,
+        mut body: Option<BoxBody>,
+        buffered: Option<Bytes>,
+        retry_cfg: Option<&RetryConfig>,
+        attempts: u32,
+        use_h2: bool,
+    ) -> Result<(Response<BoxBody>, InFlight), MeshError> {
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last: Option<Result<(Response<BoxBody>, InFlight), MeshError>> = None;
+        let per_try = retry_cfg.and_then(|r| r.per_try_timeout);
+        let labels = ServiceLabels {
+            destination: name.to_string(),
+        };
+        for attempt in 1..=attempts {
+            if attempt > 1 {
+                let (Some(cfg), Some((_, budget))) = (retry_cfg, state.budget.as_ref()) else {
+                    break;
+                };
+                if !budget.withdraw() {
+                    self.inner
+                        .metrics
+                        .budget_exhausted
+                        .get_or_create(&labels)
+                        .inc();
+                    return match last {
+                        Some(Err(e)) => Err(MeshError::BudgetExhausted {
+                            service: name.to_string(),
+                            last: e.to_string(),
+                        }),
+                        Some(ok) => ok,
+                        None => Err(MeshError::NoEndpoints(name.to_string())),
+                    };
+                }
+                self.inner.metrics.retries.get_or_create(&labels).inc();
+                tokio::time::sleep(retry::backoff(cfg, attempt - 1, self.inner.cfg.jitter)).await;
+            }
+            let (idx, probe) = match self.pick(state, name, candidates, &tried, &parts.headers) {
+                Ok(p) => p,
+                // Nothing left to try: report the last real failure if there was one.
+                Err(e) => return last.unwrap_or(Err(e)),
+            };
+            tried.push(idx);
+            let ep = state.endpoints[idx].clone();
+            let req_body = match (&buffered, body.take()) {
+                (Some(b), _) => body::full(b.clone()),
+                (None, Some(b)) => b,
+                (None, None) => break,
+            };
+            let req = build_request(parts, req_body, &ep, use_h2)?;
+            let (outcome, result) = self.attempt(&ep, probe, req, per_try, use_h2).await;
+            self.record(state, name, idx, probe, outcome);
+            let retry = attempt < attempts
+                && retry_cfg.is_some_and(|cfg| retry::is_retryable(cfg, outcome));
+            last = Some(result);
+            if !retry {
+                break;
+            }
+        }
+        last.unwrap_or_else(|| Err(MeshError::NoEndpoints(name.to_string())))
+    }
+
+    /// Chooses an endpoint among the candidates whose breakers let traffic through, preferring
+    /// ones not tried yet by this request. Returns its index and whether it is a probe.
+    fn pick(
+        &self,
+        state: &DestState,
+        name: &str,
+        candidates: &[usize],
+        tried: &[usize],
+        headers: &HeaderMap,
+    ) -> Result<(usize, bool), MeshError> {
+        let now = Instant::now();
+        let available = |i: &usize| {
+            state.endpoints[*i]
+                .breaker
+                .lock()
+                .is_ok_and(|b| b.available(now))
+        };
+        let mut pool: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|i| !tried.contains(i) && available(i))
+            .collect();
+        if pool.is_empty() {
+            pool = candidates.iter().copied().filter(available).collect();
+        }
+        while !pool.is_empty() {
+            let Some(i) = state.balancer.pick(&state.endpoints, &pool, headers) else {
+                break;
+            };
+            let ep = &state.endpoints[i];
+            let admit = ep
+                .breaker
+                .lock()
+                .map(|mut b| b.admit(now))
+                .unwrap_or(Admit::No);
+            match admit {
+                Admit::Yes => return Ok((i, false)),
+                Admit::Probe => {
+                    self.set_gauge(name, ep, BreakerState::HalfOpen);
+                    return Ok((i, true));
+                }
+                Admit::No => pool.retain(|x| *x != i),
+            }
+        }
+        Err(MeshError::CircuitOpen(name.to_string()))
+    }
+
+    async fn attempt(
+        &self,
+        ep: &Arc<Endpoint>,
+        probe: bool,
+        req: Request<BoxBody>,
+        per_try: Option<Duration>,
+        use_h2: bool,
+    ) -> (Outcome, Result<(Response<BoxBody>, InFlight), MeshError>) {
+        let in_flight = ep.track();
+        // A probe whose request is cancelled gives its slot back.
+        let probe_guard = ProbeGuard {
+            ep: ep.clone(),
+            armed: probe,
+        };
+        let start = Instant::now();
+        let fut = if use_h2 {
+            self.inner.h2.request(req)
+        } else {
+            self.inner.h1.request(req)
+        };
+        let res = match per_try {
+            Some(t) => tokio::time::timeout(t, fut).await.ok(),
+            None => Some(fut.await),
+        };
+        let mut probe_guard = probe_guard;
+        probe_guard.armed = false;
+        match res {
+            None => {
+                ep.observe_rtt(start.elapsed());
+                (
+                    Outcome::Timeout,
+                    Err(MeshError::Timeout(format!("{} (per-try timeout)", ep.key))),
+                )
+            }
+            Some(Ok(resp)) => {
+                ep.observe_rtt(start.elapsed());
+                let status = grpc_status_as_http(resp.headers()).unwrap_or(resp.status());
+                (
+                    Outcome::Response(status),
+                    Ok((resp.map(body::incoming), in_flight)),
+                )
+            }
+            Some(Err(e)) => {
+                let reason = error_chain(&e);
+                if e.is_connect() {
+                    (
+                        Outcome::ConnectFailure,
+                        Err(MeshError::ConnectFailure {
+                            endpoint: ep.key.clone(),
+                            reason,
+                        }),
+                    )
+                } else {
+                    (
+                        Outcome::Reset,
+                        Err(MeshError::Reset {
+                            endpoint: ep.key.clone(),
+                            reason,
+                        }),
+                    )
+                }
+            }
+        }
+    }
+
+    fn set_gauge(&self, name: &str, ep: &Endpoint, state: BreakerState) {
+        self.inner
+            .metrics
+            .breaker_state
+            .get_or_create(&EndpointLabels {
+                destination: name.to_string(),
+                endpoint: ep.key.clone(),
+            })
+            .set(state.gauge());
+    }
+
+    /// Feeds an outcome to the endpoint's breaker and ejects it when it trips and the
+    /// max-ejection-percent rule allows (always when every other endpoint is failing too).
+    fn record(&self, state: &DestState, name: &str, idx: usize, probe: bool, outcome: Outcome) {
+        let now = Instant::now();
+        let ep = &state.endpoints[idx];
+        let failure = outcome.is_failure();
+        self.inner
+            .metrics
+            .attempts
+            .get_or_create(&AttemptLabels {
+                destination: name.to_string(),
+                endpoint: ep.key.clone(),
+                outcome: if failure { "failure" } else { "success" }.into(),
+            })
+            .inc();
+        let tripped = ep
+            .breaker
+            .lock()
+            .map(|mut b| b.record(!failure, probe, now))
+            .unwrap_or(false);
+        if tripped {
+            let total = state.endpoints.len();
+            let mut ejected = 0;
+            let mut others_failing = true;
+            for (j, other) in state.endpoints.iter().enumerate() {
+                if let Ok(b) = other.breaker.lock() {
+                    if b.is_ejected() {
+                        ejected += 1;
+                    } else if j != idx && !b.trips(now) {
+                        others_failing = false;
+                    }
+                }
+            }
+            let max_pct = state.policy.breaker.max_ejection_percent as usize;
+            if (ejected + 1) * 100 <= max_pct * total || others_failing {
+                let time = ep.breaker.lock().map(|mut b| b.eject(now)).ok();
+                self.inner
+                    .metrics
+                    .ejections
+                    .get_or_create(&EndpointLabels {
+                        destination: name.to_string(),
+                        endpoint: ep.key.clone(),
+                    })
+                    .inc();
+                tracing::warn!(destination = name, endpoint = %ep.key, ejection = ?time, "endpoint ejected");
+            }
+        }
+        let st = ep
+            .breaker
+            .lock()
+            .map(|b| b.state(now))
+            .unwrap_or(BreakerState::Closed);
+        self.set_gauge(name, ep, st);
+    }
+
+    /// JSON of what the client holds per destination (endpoints, breaker states, in-flight).
+    pub fn debug_state(&self) -> serde_json::Value {
+        let dests: Vec<(String, Arc<Destination>)> = match self.inner.destinations.lock() {
+            Ok(m) => m.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        let now = Instant::now();
+        let mut out = serde_json::Map::new();
+        for (name, dest) in dests {
+            let st = dest.current();
+            out.insert(
+                name,
+                serde_json::json!({
+                    "inFlight": dest.in_flight.load(Ordering::Relaxed),
+                    "policy": format!("{:?}", st.policy.balance),
+                    "endpoints": st.endpoints.iter().zip(&st.meta).map(|(e, (ready, port_name))| serde_json::json!({
+                        "endpoint": e.key, "weight": e.weight, "zone": e.zone, "ready": ready,
+                        "portName": port_name, "inFlight": e.in_flight(),
+                        "breaker": e.breaker.lock().map(|b| b.state(now)).unwrap_or(BreakerState::Closed),
+                    })).collect::<Vec<_>>(),
+                }),
+            );
+        }
+        serde_json::Value::Object(out)
+    }
+}
+
+struct ProbeGuard {
+    ep: Arc<Endpoint>,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if self.armed
+            && let Ok(mut b) = self.ep.breaker.lock()
+        {
+            b.release_probe();
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The authority the caller used (for `Host` towards HTTP/1 endpoints).
+fn target_authority(parts: &http::request::Parts, target: &Target) -> String {
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| match target.port {
+            Some(p) => format!("{}:{p}", target.service.name),
+            None => target.service.name.clone(),
+        })
+}
+
+fn build_request(
+    parts: &http::request::Parts,
+    body: BoxBody,
+    ep: &Endpoint,
+    use_h2: bool,
+) -> Result<Request<BoxBody>, MeshError> {
+    let host = if ep.address.contains(':') {
+        format!("[{}]", ep.address)
+    } else {
+        ep.address.clone()
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri: Uri = format!("http://{host}:{}{path}", ep.port)
+        .parse()
+        .map_err(|e| MeshError::BadRequest(format!("bad request target: {e}")))?;
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = if use_h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    *req.headers_mut() = parts.headers.clone();
+    Ok(req)
+}

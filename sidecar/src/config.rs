@@ -1,0 +1,154 @@
+//! Sidecar settings: flags, each with an environment variable (the injected container sets the
+//! variables). Durations are written as in the CRDs (`250ms`, `30s`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    sagamesh_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+/// Log format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// `sagamesh-sidecar` settings.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "sagamesh-sidecar",
+    version,
+    about = "Sagamesh data plane: outbound and inbound proxy with per-request balancing, circuit breaking, retries and timeouts"
+)]
+pub struct Config {
+    /// Where the app sends outbound requests (plain HTTP/1.1 or h2c, destination as authority).
+    #[arg(long, env = "SAGAMESH_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
+    pub outbound_addr: SocketAddr,
+
+    /// Inbound listener; forwards to the app's port. Disabled when no app port is set.
+    #[arg(long, env = "SAGAMESH_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
+    pub inbound_addr: SocketAddr,
+
+    /// The app's port on 127.0.0.1 that inbound requests are forwarded to.
+    #[arg(long, env = "SAGAMESH_APP_PORT")]
+    pub app_port: Option<u16>,
+
+    /// Admin listener: /metrics, /ready, /live, /debug/discovery.
+    #[arg(long, env = "SAGAMESH_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
+    pub admin_addr: SocketAddr,
+
+    /// The control plane's discovery gRPC address, e.g. http://sagamesh-operator.sagamesh:8090.
+    #[arg(long, env = "SAGAMESH_DISCOVERY_ADDR", conflicts_with = "manifests")]
+    pub discovery_addr: Option<String>,
+
+    /// A ServiceRegistration manifest file or directory (local mode), polled for changes.
+    #[arg(long, env = "SAGAMESH_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+
+    /// How often the manifests are checked for changes.
+    #[arg(long, env = "SAGAMESH_MANIFEST_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub manifest_poll_interval: Duration,
+
+    /// Namespace of destinations named without one (`orders` = `orders.<namespace>`); the pod's
+    /// own namespace.
+    #[arg(long, env = "SAGAMESH_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Cluster DNS domain, for `name.ns.svc.<domain>` authorities.
+    #[arg(long, env = "SAGAMESH_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Who this sidecar is, sent to the control plane (e.g. pod-name.namespace).
+    #[arg(long, env = "SAGAMESH_CALLER", default_value = "unknown")]
+    pub caller: String,
+
+    /// How long a request waits for discovery's first answer about a new destination.
+    #[arg(long, env = "SAGAMESH_DISCOVERY_TIMEOUT", default_value = "3s", value_parser = duration)]
+    pub discovery_timeout: Duration,
+
+    /// Largest request body buffered so the request can be retried; larger bodies are sent once.
+    #[arg(long, env = "SAGAMESH_MAX_RETRY_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_retry_body_bytes: u64,
+
+    /// Largest request body accepted (413 beyond).
+    #[arg(long, env = "SAGAMESH_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: u64,
+
+    /// Largest request head accepted (HTTP/1 head, HTTP/2 header list).
+    #[arg(long, env = "SAGAMESH_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// TCP connect timeout to endpoints.
+    #[arg(long, env = "SAGAMESH_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, env = "SAGAMESH_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// No random jitter on retry backoff (repeatable tests).
+    #[arg(long, env = "SAGAMESH_NO_JITTER", default_value_t = false)]
+    pub no_jitter: bool,
+
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "SAGAMESH_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Defaults for embedding and tests: every listener on 127.0.0.1 with an OS-chosen port.
+    pub fn local_test() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Config {
+            outbound_addr: any,
+            inbound_addr: any,
+            app_port: None,
+            admin_addr: any,
+            discovery_addr: None,
+            manifests: None,
+            manifest_poll_interval: Duration::from_millis(100),
+            namespace: "default".into(),
+            cluster_domain: "cluster.local".into(),
+            caller: "test".into(),
+            discovery_timeout: Duration::from_secs(3),
+            max_retry_body_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            connect_timeout: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(5),
+            no_jitter: true,
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_parse() {
+        let c = Config::try_parse_from([
+            "sagamesh-sidecar",
+            "--manifests",
+            "/etc/sagamesh",
+            "--shutdown-grace",
+            "1500ms",
+            "--app-port",
+            "8080",
+        ])
+        .expect("parse");
+        assert_eq!(c.shutdown_grace, Duration::from_millis(1500));
+        assert_eq!(c.app_port, Some(8080));
+        assert_eq!(c.outbound_addr.port(), 4140);
+        assert!(
+            Config::try_parse_from(["x", "--manifests", "a", "--discovery-addr", "http://b"])
+                .is_err()
+        );
+        assert!(Config::try_parse_from(["x", "--shutdown-grace", "soon"]).is_err());
+    }
+}

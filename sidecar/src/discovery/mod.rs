@@ -1,0 +1,240 @@
+//! Where endpoints and policy come from, behind one trait: the control plane's gRPC stream
+//! ([`grpc::GrpcDiscovery`]), a file or directory of ServiceRegistration manifests
+//! ([`file::FileDiscovery`]), or a fixed in-memory table ([`StaticDiscovery`], for tests and
+//! embedding).
+//!
+//! Every source hands out one `watch::Receiver<Resolution>` per service: the receiver always
+//! holds the latest full state, so a source that loses its upstream simply stops updating it
+//! and callers keep the last known state.
+
+pub mod file;
+pub mod grpc;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sagamesh_api::discovery as pb;
+use tokio::sync::watch;
+
+use crate::name::ServiceKey;
+
+/// What is known about one service.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resolution {
+    /// Nothing heard yet.
+    Pending,
+    /// The source says the service does not exist.
+    DoesNotExist { revision: u64 },
+    /// Full state of the service.
+    Snapshot {
+        revision: u64,
+        snapshot: Arc<pb::Snapshot>,
+    },
+}
+
+impl Resolution {
+    /// From a discovery `Update` message; `None` if it carries neither kind.
+    pub fn from_update(update: pb::Update) -> Option<Self> {
+        match update.kind? {
+            pb::update::Kind::Snapshot(s) => Some(Resolution::Snapshot {
+                revision: update.revision,
+                snapshot: Arc::new(s),
+            }),
+            pb::update::Kind::DoesNotExist(_) => Some(Resolution::DoesNotExist {
+                revision: update.revision,
+            }),
+        }
+    }
+
+    /// JSON for `/debug/discovery`.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Resolution::Pending => serde_json::json!({"state": "pending"}),
+            Resolution::DoesNotExist { revision } => {
+                serde_json::json!({"state": "does-not-exist", "revision": revision})
+            }
+            Resolution::Snapshot { revision, snapshot } => serde_json::json!({
+                "state": "snapshot",
+                "revision": revision,
+                "endpoints": snapshot.endpoints.iter().map(|e| serde_json::json!({
+                    "address": e.address, "port": e.port, "weight": e.weight,
+                    "zone": e.zone, "ready": e.ready, "portName": e.port_name,
+                })).collect::<Vec<_>>(),
+                "ports": snapshot.ports.iter().map(|p| serde_json::json!({
+                    "name": p.name, "port": p.port, "targetPort": p.target_port,
+                    "protocol": pb::Protocol::try_from(p.protocol).unwrap_or_default().as_str_name(),
+                })).collect::<Vec<_>>(),
+                "policy": snapshot.policy.as_ref().and_then(|p| pb::spec_from_snapshot(&pb::Snapshot {
+                    policy: Some(p.clone()), ..Default::default()
+                }).ok()).map(|s| serde_json::json!({
+                    "loadBalancer": s.load_balancer, "circuitBreaker": s.circuit_breaker,
+                    "retry": s.retry, "timeout": s.timeout,
+                    "maxInFlightRequests": s.max_in_flight_requests,
+                })),
+            }),
+        }
+    }
+}
+
+/// A source of service state.
+pub trait Discover: Send + Sync + 'static {
+    /// Starts watching `service` (or joins the existing watch) and returns its state.
+    fn watch(&self, service: &ServiceKey) -> watch::Receiver<Resolution>;
+
+    /// Everything the source holds, as JSON (for `/debug/discovery`).
+    fn debug_state(&self) -> serde_json::Value;
+
+    /// Whether the source has loaded at least once (for `/ready`).
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// The table of per-service watch senders every source keeps.
+#[derive(Default, Debug)]
+pub struct Watches {
+    senders: Mutex<HashMap<ServiceKey, watch::Sender<Resolution>>>,
+}
+
+impl Watches {
+    /// Subscribes, creating the entry with `initial` if new. Returns whether it was new.
+    pub fn subscribe(
+        &self,
+        key: &ServiceKey,
+        initial: impl FnOnce() -> Resolution,
+    ) -> (watch::Receiver<Resolution>, bool) {
+        let mut map = match self.senders.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(tx) = map.get(key) {
+            return (tx.subscribe(), false);
+        }
+        let (tx, rx) = watch::channel(initial());
+        map.insert(key.clone(), tx);
+        (rx, true)
+    }
+
+    /// Sets the state of a service (creating its entry), notifying watchers only on change.
+    pub fn set(&self, key: &ServiceKey, value: Resolution) {
+        let mut map = match self.senders.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match map.get(key) {
+            Some(tx) => {
+                tx.send_if_modified(|cur| {
+                    if same_state(cur, &value) {
+                        false
+                    } else {
+                        *cur = value;
+                        true
+                    }
+                });
+            }
+            None => {
+                let (tx, _) = watch::channel(value);
+                map.insert(key.clone(), tx);
+            }
+        }
+    }
+
+    /// Applies `f` to every entry's key to compute its new state.
+    pub fn update_all(&self, mut f: impl FnMut(&ServiceKey) -> Resolution) {
+        let map = match self.senders.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (key, tx) in map.iter() {
+            let value = f(key);
+            tx.send_if_modified(|cur| {
+                if same_state(cur, &value) {
+                    false
+                } else {
+                    *cur = value;
+                    true
+                }
+            });
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let map = match self.senders.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut keys: Vec<_> = map.keys().cloned().collect();
+        keys.sort();
+        serde_json::Value::Object(
+            keys.into_iter()
+                .filter_map(|k| {
+                    let v = map.get(&k)?.borrow().to_json();
+                    Some((k.to_string(), v))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Equal content, whatever the revision (a reload that changes nothing wakes nobody).
+fn same_state(a: &Resolution, b: &Resolution) -> bool {
+    match (a, b) {
+        (Resolution::Pending, Resolution::Pending) => true,
+        (Resolution::DoesNotExist { .. }, Resolution::DoesNotExist { .. }) => true,
+        (Resolution::Snapshot { snapshot: x, .. }, Resolution::Snapshot { snapshot: y, .. }) => {
+            x == y
+        }
+        _ => false,
+    }
+}
+
+/// A fixed, programmable table: services are set by the embedding code. Unknown services
+/// read as `DoesNotExist`.
+#[derive(Default, Debug)]
+pub struct StaticDiscovery {
+    watches: Watches,
+    revision: std::sync::atomic::AtomicU64,
+}
+
+impl StaticDiscovery {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Sets a service's full state.
+    pub fn set(&self, snapshot: pb::Snapshot) {
+        let revision = self
+            .revision
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let key = ServiceKey::new(&snapshot.namespace, &snapshot.service);
+        self.watches.set(
+            &key,
+            Resolution::Snapshot {
+                revision,
+                snapshot: Arc::new(snapshot),
+            },
+        );
+    }
+
+    /// Removes a service.
+    pub fn remove(&self, key: &ServiceKey) {
+        let revision = self
+            .revision
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        self.watches.set(key, Resolution::DoesNotExist { revision });
+    }
+}
+
+impl Discover for StaticDiscovery {
+    fn watch(&self, service: &ServiceKey) -> watch::Receiver<Resolution> {
+        self.watches
+            .subscribe(service, || Resolution::DoesNotExist { revision: 0 })
+            .0
+    }
+
+    fn debug_state(&self) -> serde_json::Value {
+        serde_json::json!({"source": "static", "services": self.watches.to_json()})
+    }
+}

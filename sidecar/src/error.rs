@@ -1,0 +1,71 @@
+//! Failures the mesh itself produces, each with an HTTP status and the `x-sagamesh-error` value
+//! that names its cause. Every variant has a fixed label, so metrics stay bounded.
+
+use http::StatusCode;
+
+/// The header on every response the sidecar makes itself.
+pub const ERROR_HEADER: &str = "x-sagamesh-error";
+
+/// A failure produced by the mesh rather than by the destination service.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// No ServiceRegistration of that name (or discovery never answered for it).
+    #[error("unknown service {0}")]
+    UnknownService(String),
+    /// The service exists but has no ready endpoint on the requested port.
+    #[error("service {0} has no ready endpoints")]
+    NoEndpoints(String),
+    /// Every endpoint is ejected by its circuit breaker.
+    #[error("every endpoint of {0} is ejected (circuit open)")]
+    CircuitOpen(String),
+    /// A retry was needed but the retry budget is spent.
+    #[error("retry budget of {service} exhausted after: {last}")]
+    BudgetExhausted { service: String, last: String },
+    /// The overall deadline (or the last per-try timeout) passed.
+    #[error("request to {0} timed out")]
+    Timeout(String),
+    /// Too many requests in flight to the destination.
+    #[error("too many requests in flight to {0}")]
+    Overloaded(String),
+    /// No connection could be made to the endpoint.
+    #[error("connect to {endpoint} failed: {reason}")]
+    ConnectFailure { endpoint: String, reason: String },
+    /// The endpoint reset or closed the connection before answering.
+    #[error("{endpoint} reset the request: {reason}")]
+    Reset { endpoint: String, reason: String },
+    /// The request itself is unusable (bad authority, body too large...).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The request body is larger than the configured limit.
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+}
+
+impl MeshError {
+    /// The value of `x-sagamesh-error` (also the `error` metric label).
+    pub fn code(&self) -> &'static str {
+        match self {
+            MeshError::UnknownService(_) => "unknown-service",
+            MeshError::NoEndpoints(_) => "no-endpoints",
+            MeshError::CircuitOpen(_) => "circuit-open",
+            MeshError::BudgetExhausted { .. } => "budget-exhausted",
+            MeshError::Timeout(_) => "timeout",
+            MeshError::Overloaded(_) => "overloaded",
+            MeshError::ConnectFailure { .. } => "connect-failure",
+            MeshError::Reset { .. } => "reset",
+            MeshError::BadRequest(_) => "bad-request",
+            MeshError::BodyTooLarge(_) => "body-too-large",
+        }
+    }
+
+    /// The status the caller gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            MeshError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            MeshError::Reset { .. } => StatusCode::BAD_GATEWAY,
+            MeshError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            MeshError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Destination names: how an authority (`orders`, `orders.shop`,
+//! `orders.shop.svc.cluster.local`, each with or without `:port`) maps to a service.
+
+use std::fmt;
+
+/// A service: namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ServiceKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+/// A destination: a service and the port the caller named, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub service: ServiceKey,
+    pub port: Option<u16>,
+}
+
+/// Why an authority is not a mesh name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a service name (expected name, name.namespace or name.namespace.svc.<cluster domain>, optionally with :port)"
+)]
+pub struct NameError(pub String);
+
+fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Parses an authority into a target. Case-insensitive; a trailing dot is allowed.
+pub fn parse_authority(
+    authority: &str,
+    default_namespace: &str,
+    cluster_domain: &str,
+) -> Result<Target, NameError> {
+    let err = || NameError(authority.to_string());
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| err())?)),
+        None => (authority, None),
+    };
+    if port == Some(0) {
+        return Err(err());
+    }
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let suffix = format!(".svc.{}", cluster_domain.trim_matches('.'));
+    let host = host
+        .strip_suffix(&suffix)
+        .or_else(|| host.strip_suffix(".svc"))
+        .unwrap_or(&host);
+    let labels: Vec<&str> = host.split('.').collect();
+    let (name, namespace) = match labels.as_slice() {
+        [name] => (*name, default_namespace),
+        [name, ns] => (*name, *ns),
+        _ => return Err(err()),
+    };
+    if !is_label(name) || !is_label(namespace) {
+        return Err(err());
+    }
+    Ok(Target {
+        service: ServiceKey::new(namespace, name),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(ns: &str, name: &str, port: Option<u16>) -> Target {
+        Target {
+            service: ServiceKey::new(ns, name),
+            port,
+        }
+    }
+
+    #[test]
+    fn accepts_the_documented_forms() {
+        let p = |a| parse_authority(a, "default", "cluster.local");
+        assert_eq!(p("orders"), Ok(t("default", "orders", None)));
+        assert_eq!(p("orders:8080"), Ok(t("default", "orders", Some(8080))));
+        assert_eq!(p("orders.shop"), Ok(t("shop", "orders", None)));
+        assert_eq!(p("orders.shop:80"), Ok(t("shop", "orders", Some(80))));
+        assert_eq!(
+            p("orders.shop.svc.cluster.local"),
+            Ok(t("shop", "orders", None))
+        );
+        assert_eq!(
+            p("Orders.Shop.svc.cluster.local.:9000"),
+            Ok(t("shop", "orders", Some(9000)))
+        );
+        assert_eq!(p("orders.shop.svc"), Ok(t("shop", "orders", None)));
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        let p = |a| parse_authority(a, "default", "cluster.local");
+        for bad in [
+            "",
+            ":80",
+            "orders:",
+            "orders:x",
+            "orders:0",
+            "orders:70000",
+            "a.b.c",
+            "-a",
+            "a_b",
+            "127.0.0.1:80",
+            "orders.shop.svc.other.domain",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

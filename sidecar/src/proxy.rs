@@ -1,0 +1,375 @@
+//! The listeners: a generic HTTP/1.1 + h2c server loop with limits and graceful drain, the
+//! outbound proxy (authority → [`MeshClient`]) and the inbound proxy (→ the app's port).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::body::{self, BoxBody};
+use crate::client::{MeshClient, strip_hop_by_hop};
+use crate::error::{ERROR_HEADER, MeshError};
+use crate::metrics::{DestinationLabels, Metrics, RequestLabels, status_class};
+use crate::name::parse_authority;
+use crate::trace;
+
+/// Limits every listener applies to what callers send.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request head (HTTP/1 read buffer; HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Largest request body; larger ones get a 413 (or the stream is cut when the size was
+    /// not announced).
+    pub max_body_bytes: u64,
+    /// Time a client has to send a full HTTP/1 request head.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A response the sidecar makes itself, with `x-sagamesh-error`. gRPC callers get a
+/// trailers-only gRPC error (UNAVAILABLE, or DEADLINE_EXCEEDED for timeouts) so their client
+/// library reports it properly.
+pub fn error_response(err: &MeshError, grpc: bool) -> Response<BoxBody> {
+    let mut resp = if grpc {
+        let code = match err {
+            MeshError::Timeout(_) => "4",
+            MeshError::BadRequest(_) => "3",
+            MeshError::BodyTooLarge(_) => "8",
+            _ => "14",
+        };
+        let mut r = Response::new(body::empty());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static(code));
+        if let Ok(v) = HeaderValue::from_str(&err.to_string().replace(['\r', '\n'], " ")) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(body::full(format!("{err}\n")));
+        *r.status_mut() = err.status();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    resp.headers_mut()
+        .insert(ERROR_HEADER, HeaderValue::from_static(err.code()));
+    resp
+}
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Checks announced body size and wraps the body with the limit.
+fn limit_body(req: Request<Incoming>, max: u64) -> Result<Request<BoxBody>, MeshError> {
+    if req.body().size_hint().lower() > max {
+        return Err(MeshError::BodyTooLarge(max));
+    }
+    Ok(req.map(|b| {
+        http_body_util::Limited::new(b, usize::try_from(max).unwrap_or(usize::MAX))
+            .map_err(body::BodyError)
+            .boxed()
+    }))
+}
+
+/// Serves `listener` until `shutdown` turns true, then stops accepting and drains open
+/// connections for up to `grace`.
+pub async fn serve<S, F>(
+    listener: TcpListener,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    handler: S,
+) where
+    S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<BoxBody>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024);
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let handler = handler.clone();
+                let svc = service_fn(move |req| {
+                    let fut = handler(req, peer);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(?grace, "grace period over; closing connections still open");
+    }
+}
+
+/// The outbound proxy's handler state.
+#[derive(Clone)]
+pub struct Outbound {
+    pub client: MeshClient,
+    pub default_namespace: Arc<str>,
+    pub cluster_domain: Arc<str>,
+    pub limits: Limits,
+}
+
+impl Outbound {
+    /// Handles one request from the app.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+        let grpc = is_grpc(&req);
+        let start = Instant::now();
+        match self.route(req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                // Failures before a destination was known are counted here; the client counts
+                // the rest.
+                let m = self.client.metrics();
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        direction: "outbound".into(),
+                        destination: "unknown".into(),
+                        status_class: status_class(e.status()),
+                        error: e.code().into(),
+                    })
+                    .inc();
+                m.latency
+                    .get_or_create(&DestinationLabels {
+                        direction: "outbound".into(),
+                        destination: "unknown".into(),
+                    })
+                    .observe(start.elapsed().as_secs_f64());
+                error_response(&e, grpc)
+            }
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, MeshError> {
+        if req.method() == Method::CONNECT {
+            return Err(MeshError::BadRequest("CONNECT is not supported".into()));
+        }
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| MeshError::BadRequest("no authority or Host header".into()))?;
+        let target = parse_authority(&authority, &self.default_namespace, &self.cluster_domain)
+            .map_err(|e| MeshError::BadRequest(e.to_string()))?;
+        let grpc = is_grpc(&req);
+        let mut req = limit_body(req, self.limits.max_body_bytes)?;
+        let ctx = trace::propagate(req.headers_mut());
+        let span = tracing::debug_span!("outbound", destination = %target.service, trace_id = %ctx.trace_id_hex());
+        let _entered = span.enter();
+        match self.client.send(&target, req).await {
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut());
+                Ok(resp)
+            }
+            Err(e) => {
+                tracing::debug!(destination = %target.service, error = %e, "request failed in the mesh");
+                Ok(error_response(&e, grpc))
+            }
+        }
+    }
+}
+
+/// The inbound proxy: forwards to the app on 127.0.0.1:`app_port` and records inbound metrics.
+#[derive(Clone)]
+pub struct Inbound {
+    pub app: SocketAddr,
+    pub metrics: Metrics,
+    pub limits: Limits,
+    h1: Client<HttpConnector, BoxBody>,
+    h2: Client<HttpConnector, BoxBody>,
+    label: Arc<str>,
+}
+
+impl Inbound {
+    pub fn new(app: SocketAddr, metrics: Metrics, limits: Limits) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        Inbound {
+            app,
+            metrics,
+            limits,
+            h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            h2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
+            label: format!("app:{}", app.port()).into(),
+        }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+        let start = Instant::now();
+        let grpc = is_grpc(&req);
+        let resp = match self.forward(req).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e, grpc),
+        };
+        let error = resp
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: "inbound".into(),
+                destination: self.label.to_string(),
+                status_class: status_class(resp.status()),
+                error,
+            })
+            .inc();
+        self.metrics
+            .latency
+            .get_or_create(&DestinationLabels {
+                direction: "inbound".into(),
+                destination: self.label.to_string(),
+            })
+            .observe(start.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, MeshError> {
+        if req.method() == Method::CONNECT {
+            return Err(MeshError::BadRequest("CONNECT is not supported".into()));
+        }
+        let h2 = req.version() == http::Version::HTTP_2;
+        let req = limit_body(req, self.limits.max_body_bytes)?;
+        let (mut parts, body) = req.into_parts();
+        let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+        strip_hop_by_hop(&mut parts.headers);
+        trace::propagate(&mut parts.headers);
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        parts.uri = format!("http://{}{path}", self.app)
+            .parse()
+            .map_err(|e| MeshError::BadRequest(format!("bad request target: {e}")))?;
+        if h2 {
+            parts.headers.remove(header::HOST);
+        } else if let Some(a) = authority
+            && !parts.headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&a)
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        parts.version = if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        let req = Request::from_parts(parts, body);
+        let res = if h2 {
+            self.h2.request(req).await
+        } else {
+            self.h1.request(req).await
+        };
+        match res {
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut());
+                Ok(resp.map(body::incoming))
+            }
+            Err(e) if e.is_connect() => Err(MeshError::ConnectFailure {
+                endpoint: self.app.to_string(),
+                reason: e.to_string(),
+            }),
+            Err(e) => Err(MeshError::Reset {
+                endpoint: self.app.to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// A plain response (admin).
+pub fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<bytes::Bytes>,
+) -> Response<BoxBody> {
+    let mut r = Response::new(body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}

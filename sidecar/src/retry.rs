@@ -1,0 +1,154 @@
+//! Retry decisions: which outcomes are retried, which requests may be, and how long to wait.
+//! The budget itself is tower's `retry::budget::TpsBudget` (ratio of recent requests plus a
+//! minimum rate), held per destination by the client.
+
+use std::time::Duration;
+
+use http::{HeaderMap, Method, StatusCode};
+use rand::Rng;
+use sagamesh_api::service_registration::RetryOn;
+
+use crate::policy::RetryConfig;
+
+/// The outcome of one attempt, as far as retries and the breaker care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response; the status (gRPC: mapped from `grpc-status` of a trailers-only response).
+    Response(StatusCode),
+    /// No connection could be made.
+    ConnectFailure,
+    /// The connection broke before a response.
+    Reset,
+    /// The per-try timeout passed.
+    Timeout,
+}
+
+impl Outcome {
+    /// Whether the breaker counts it as a failure: 5xx, connect failures, resets, timeouts.
+    pub fn is_failure(self) -> bool {
+        match self {
+            Outcome::Response(s) => s.is_server_error(),
+            _ => true,
+        }
+    }
+}
+
+/// Whether `outcome` is retried under `cfg`.
+pub fn is_retryable(cfg: &RetryConfig, outcome: Outcome) -> bool {
+    match outcome {
+        Outcome::Response(s) => {
+            let code = s.as_u16();
+            cfg.retriable_status_codes.contains(&code)
+                || (cfg.retry_on.contains(&RetryOn::ServerError) && s.is_server_error())
+                || (cfg.retry_on.contains(&RetryOn::GatewayError) && matches!(code, 502..=504))
+        }
+        Outcome::ConnectFailure => cfg.retry_on.contains(&RetryOn::ConnectFailure),
+        Outcome::Reset => cfg.retry_on.contains(&RetryOn::Reset),
+        // A per-try timeout is a gateway timeout (504).
+        Outcome::Timeout => {
+            cfg.retry_on.contains(&RetryOn::GatewayError)
+                || cfg.retry_on.contains(&RetryOn::ServerError)
+                || cfg.retriable_status_codes.contains(&504)
+        }
+    }
+}
+
+/// The header that makes a non-idempotent request retryable.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Whether the request may be sent more than once: idempotent methods (RFC 9110), requests with
+/// `Idempotency-Key`, or anything when `retry_non_idempotent` is set.
+pub fn may_retry(cfg: &RetryConfig, method: &Method, headers: &HeaderMap) -> bool {
+    cfg.retry_non_idempotent
+        || matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        )
+        || headers.contains_key(IDEMPOTENCY_KEY)
+}
+
+/// Exponential backoff before retry `n` (1 = first retry): full jitter in
+/// `[0, min(max, base * 2^(n-1))]`, or exactly the bound without jitter.
+pub fn backoff(cfg: &RetryConfig, n: u32, jitter: bool) -> Duration {
+    let cap = cfg
+        .backoff_base
+        .saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(20)))
+        .min(cfg.backoff_max);
+    if jitter && !cap.is_zero() {
+        Duration::from_nanos(
+            rand::rng().random_range(0..=cap.as_nanos().min(u128::from(u64::MAX)) as u64),
+        )
+    } else {
+        cap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        let cfg = RetryConfig::default();
+        assert!(is_retryable(
+            &cfg,
+            Outcome::Response(StatusCode::BAD_GATEWAY)
+        ));
+        assert!(!is_retryable(
+            &cfg,
+            Outcome::Response(StatusCode::INTERNAL_SERVER_ERROR)
+        ));
+        assert!(is_retryable(&cfg, Outcome::ConnectFailure));
+        assert!(is_retryable(&cfg, Outcome::Reset));
+        assert!(is_retryable(&cfg, Outcome::Timeout));
+        let cfg = RetryConfig {
+            retry_on: [RetryOn::ServerError].into_iter().collect(),
+            retriable_status_codes: [429].into_iter().collect(),
+            ..Default::default()
+        };
+        assert!(is_retryable(
+            &cfg,
+            Outcome::Response(StatusCode::INTERNAL_SERVER_ERROR)
+        ));
+        assert!(is_retryable(
+            &cfg,
+            Outcome::Response(StatusCode::TOO_MANY_REQUESTS)
+        ));
+        assert!(!is_retryable(
+            &cfg,
+            Outcome::Response(StatusCode::NOT_FOUND)
+        ));
+        assert!(!is_retryable(&cfg, Outcome::ConnectFailure));
+    }
+
+    #[test]
+    fn idempotency() {
+        let cfg = RetryConfig::default();
+        let mut h = HeaderMap::new();
+        assert!(may_retry(&cfg, &Method::GET, &h));
+        assert!(!may_retry(&cfg, &Method::POST, &h));
+        h.insert("Idempotency-Key", "saga/1/step".parse().expect("header"));
+        assert!(may_retry(&cfg, &Method::POST, &h));
+        let all = RetryConfig {
+            retry_non_idempotent: true,
+            ..Default::default()
+        };
+        assert!(may_retry(&all, &Method::PATCH, &HeaderMap::new()));
+    }
+
+    #[test]
+    fn backoff_bounds() {
+        let cfg = RetryConfig::default();
+        assert_eq!(backoff(&cfg, 1, false), Duration::from_millis(25));
+        assert_eq!(backoff(&cfg, 2, false), Duration::from_millis(50));
+        assert_eq!(backoff(&cfg, 10, false), Duration::from_millis(250));
+        for n in 1..8 {
+            assert!(backoff(&cfg, n, true) <= backoff(&cfg, n, false));
+        }
+    }
+}
