@@ -4,7 +4,12 @@ use std::path::PathBuf;
 
 #[test]
 fn checked_in_crds_match_the_types() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    for dir in ["../crds", "../charts/sagamesh/files/crds"] {
+        check_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir));
+    }
+}
+
+fn check_dir(dir: &std::path::Path) {
     let files = sagamesh_api::crdgen::crd_files().expect("CRDs render");
     assert_eq!(files.len(), 2);
     for (name, generated) in files {
@@ -17,7 +22,7 @@ fn checked_in_crds_match_the_types() {
             path.display()
         );
     }
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
+    let mut names: Vec<_> = std::fs::read_dir(dir)
         .expect("crds/ exists")
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();

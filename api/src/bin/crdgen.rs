@@ -1,7 +1,8 @@
 //! Writes the CRD YAML for every Sagamesh resource.
 //!
-//! `crdgen` writes into `crds/` at the workspace root; `crdgen DIR` into DIR; `crdgen -` prints
-//! everything to stdout as one multi-document stream.
+//! `crdgen` writes into `crds/` at the workspace root and into the Helm chart's
+//! `charts/sagamesh/files/crds/`; `crdgen DIR` into DIR only; `crdgen -` prints everything to
+//! stdout as one multi-document stream.
 
 use std::path::PathBuf;
 
