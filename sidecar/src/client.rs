@@ -685,7 +685,9 @@ impl MeshClient {
             }
             Some(Err(e)) => {
                 let reason = error_chain(&e);
-                if e.is_connect() {
+                if let Some(caller) = caller_body_error(&e) {
+                    (Outcome::CallerError, Err(caller))
+                } else if e.is_connect() {
                     (
                         Outcome::ConnectFailure,
                         Err(MeshError::ConnectFailure {
@@ -812,6 +814,26 @@ impl Drop for ProbeGuard {
             b.release_probe();
         }
     }
+}
+
+/// When an attempt failed because the caller's request body failed (bad chunked encoding,
+/// over the size limit), the error to answer with: the caller's fault, not the endpoint's.
+pub(crate) fn caller_body_error(e: &(dyn std::error::Error + 'static)) -> Option<MeshError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(body_err) = err.downcast_ref::<body::BodyError>() {
+            let mut inner: Option<&(dyn std::error::Error + 'static)> = Some(&*body_err.0);
+            while let Some(i) = inner {
+                if i.is::<http_body_util::LengthLimitError>() {
+                    return Some(MeshError::BodyTooLarge);
+                }
+                inner = i.source();
+            }
+            return Some(MeshError::BadRequest(format!("request body: {body_err}")));
+        }
+        cur = err.source();
+    }
+    None
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

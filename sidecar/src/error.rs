@@ -37,8 +37,8 @@ pub enum MeshError {
     #[error("bad request: {0}")]
     BadRequest(String),
     /// The request body is larger than the configured limit.
-    #[error("request body larger than {0} bytes")]
-    BodyTooLarge(u64),
+    #[error("request body larger than the limit")]
+    BodyTooLarge,
 }
 
 impl MeshError {
@@ -54,7 +54,7 @@ impl MeshError {
             MeshError::ConnectFailure { .. } => "connect-failure",
             MeshError::Reset { .. } => "reset",
             MeshError::BadRequest(_) => "bad-request",
-            MeshError::BodyTooLarge(_) => "body-too-large",
+            MeshError::BodyTooLarge => "body-too-large",
         }
     }
 
@@ -64,7 +64,7 @@ impl MeshError {
             MeshError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             MeshError::Reset { .. } => StatusCode::BAD_GATEWAY,
             MeshError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            MeshError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            MeshError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -58,7 +58,7 @@ pub fn error_response(err: &MeshError, grpc: bool) -> Response<BoxBody> {
         let code = match err {
             MeshError::Timeout(_) => "4",
             MeshError::BadRequest(_) => "3",
-            MeshError::BodyTooLarge(_) => "8",
+            MeshError::BodyTooLarge => "8",
             _ => "14",
         };
         let mut r = Response::new(body::empty());
@@ -95,7 +95,7 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 /// Checks announced body size and wraps the body with the limit.
 fn limit_body(req: Request<Incoming>, max: u64) -> Result<Request<BoxBody>, MeshError> {
     if req.body().size_hint().lower() > max {
-        return Err(MeshError::BodyTooLarge(max));
+        return Err(MeshError::BodyTooLarge);
     }
     Ok(req.map(|b| {
         http_body_util::Limited::new(b, usize::try_from(max).unwrap_or(usize::MAX))
@@ -348,6 +348,9 @@ impl Inbound {
             Ok(mut resp) => {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp.map(body::incoming))
+            }
+            Err(e) if crate::client::caller_body_error(&e).is_some() => {
+                Err(crate::client::caller_body_error(&e).unwrap_or(MeshError::BodyTooLarge))
             }
             Err(e) if e.is_connect() => Err(MeshError::ConnectFailure {
                 endpoint: self.app.to_string(),

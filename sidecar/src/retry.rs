@@ -21,6 +21,8 @@ pub enum Outcome {
     Reset,
     /// The per-try timeout passed.
     Timeout,
+    /// The caller's request body failed (malformed or over the limit): not the endpoint's fault.
+    CallerError,
 }
 
 impl Outcome {
@@ -28,6 +30,7 @@ impl Outcome {
     pub fn is_failure(self) -> bool {
         match self {
             Outcome::Response(s) => s.is_server_error(),
+            Outcome::CallerError => false,
             _ => true,
         }
     }
@@ -44,6 +47,7 @@ pub fn is_retryable(cfg: &RetryConfig, outcome: Outcome) -> bool {
         }
         Outcome::ConnectFailure => cfg.retry_on.contains(&RetryOn::ConnectFailure),
         Outcome::Reset => cfg.retry_on.contains(&RetryOn::Reset),
+        Outcome::CallerError => false,
         // A per-try timeout is a gateway timeout (504).
         Outcome::Timeout => {
             cfg.retry_on.contains(&RetryOn::GatewayError)
