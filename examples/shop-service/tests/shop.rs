@@ -30,7 +30,7 @@ fn free_port() -> u16 {
 
 fn start(role: &str, extra: &[&str]) -> Instance {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_shop-service"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shop-service"))
         .args(["--role", role, "--listen", &format!("127.0.0.1:{port}")])
         .args(extra)
         .spawn()
@@ -42,6 +42,8 @@ fn start(role: &str, extra: &[&str]) -> Instance {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("{role} did not listen on {port}");
 }
 
