@@ -1,0 +1,4 @@
+//! Sagamesh local mode: the same resources without a cluster. Manifests come from a directory
+//! and are checked as the API server would check them ([`manifest`]).
+
+pub mod manifest;
