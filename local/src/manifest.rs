@@ -350,6 +350,11 @@ fn pointer_to_field(pointer: &str) -> String {
     field
 }
 
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
 /// Finds the 0-based line of a field (`spec.steps[1].action.path`) in block-style YAML by
 /// walking keys and list items by indentation. Best effort: flow-style YAML (`{a: 1}`) falls
 /// back to the deepest key found.
@@ -365,11 +370,11 @@ fn find_line(doc: &str, field: &str) -> Option<usize> {
             .map(|(k, r)| (k, Some(r)))
             .unwrap_or((part, None));
         if !key.is_empty() {
-            segments.push(Err(key.to_string()));
+            segments.push(Segment::Key(key.to_string()));
         }
         for index in rest.into_iter().flat_map(|r| r.split('[')) {
             if let Ok(i) = index.trim_end_matches(']').parse::<usize>() {
-                segments.push(Ok(i));
+                segments.push(Segment::Index(i));
             }
         }
     }
@@ -380,7 +385,7 @@ fn find_line(doc: &str, field: &str) -> Option<usize> {
     for segment in segments {
         let mut hit = None;
         match &segment {
-            Err(key) => {
+            Segment::Key(key) => {
                 for (i, line) in lines.iter().enumerate().take(to).skip(from) {
                     let trimmed = line.trim_start().trim_start_matches("- ");
                     if indent(line) >= min_indent
@@ -392,7 +397,7 @@ fn find_line(doc: &str, field: &str) -> Option<usize> {
                     }
                 }
             }
-            Ok(index) => {
+            Segment::Index(index) => {
                 let mut seen = 0;
                 let mut item_indent = None;
                 for (i, line) in lines.iter().enumerate().take(to).skip(from) {
@@ -415,8 +420,13 @@ fn find_line(doc: &str, field: &str) -> Option<usize> {
         found = Some(line);
         // The value of this key / item: the following lines indented deeper (and, for a list
         // item, its own line).
-        let own = indent(lines[line]) + if matches!(segment, Ok(_)) { 2 } else { 0 };
-        from = if matches!(segment, Ok(_)) {
+        let own = indent(lines[line])
+            + if matches!(segment, Segment::Index(_)) {
+                2
+            } else {
+                0
+            };
+        from = if matches!(segment, Segment::Index(_)) {
             line
         } else {
             line + 1
@@ -428,7 +438,7 @@ fn find_line(doc: &str, field: &str) -> Option<usize> {
             .find(|(_, l)| {
                 !l.trim().is_empty()
                     && indent(l) <= indent(lines[line])
-                    && !(matches!(segment, Err(_))
+                    && !(matches!(segment, Segment::Key(_))
                         && l.trim_start().starts_with("- ")
                         && indent(l) == indent(lines[line]))
             })
