@@ -58,6 +58,12 @@ impl PeakEwma {
         self.updated = now;
     }
 
+    /// Replaces the estimate (a new endpoint starts at its peers' average, see the client).
+    pub fn seed(&mut self, estimate_ns: f64, now: Instant) {
+        self.estimate_ns = estimate_ns;
+        self.updated = now;
+    }
+
     /// The current estimate in nanoseconds.
     pub fn estimate(&self, now: Instant) -> f64 {
         self.decayed(now)

@@ -36,7 +36,8 @@ pub struct Limits {
     /// Largest request body; larger ones get a 413 (or the stream is cut when the size was
     /// not announced).
     pub max_body_bytes: u64,
-    /// Time a client has to send a full HTTP/1 request head.
+    /// Time a client has to send a full HTTP/1 request head (slow-loris guard). hyper also
+    /// applies it to idle keep-alive connections, so it doubles as their idle timeout.
     pub header_read_timeout: Duration,
 }
 
@@ -45,7 +46,7 @@ impl Default for Limits {
         Limits {
             max_header_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }

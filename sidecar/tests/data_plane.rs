@@ -678,9 +678,16 @@ async fn inbound_forwards_to_the_app_and_counts() {
         4.0
     );
     drop(app);
+    // The app is gone: a pooled connection may see the reset (502) before a new connect is
+    // refused (503); either way the sidecar names the cause.
     let g = get(&client, inbound, "anything").await;
-    assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(g.error(), Some("connect-failure"));
+    assert!(
+        matches!(
+            (g.status.as_u16(), g.error()),
+            (502, Some("reset")) | (503, Some("connect-failure"))
+        ),
+        "{g:?}"
+    );
     sidecar.shutdown().await;
 }
 

@@ -53,9 +53,39 @@ impl ReconnectBackoff {
     }
 }
 
+/// The connection to the control plane, shared by every stream; replaced after a failure.
+///
+/// A failed stream drops the shared channel and the next attempt connects afresh (bounded by
+/// the connect timeout), so every attempt either has a fresh connection or a clear connect
+/// error in the log, whatever state the old connection was left in.
+#[derive(Clone)]
+struct SharedChannel {
+    endpoint: Endpoint,
+    current: Arc<std::sync::Mutex<Option<Channel>>>,
+}
+
+impl SharedChannel {
+    async fn get(&self) -> Result<Channel, tonic::transport::Error> {
+        if let Some(c) = self.current.lock().ok().and_then(|c| c.clone()) {
+            return Ok(c);
+        }
+        let c = self.endpoint.connect().await?;
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = Some(c.clone());
+        }
+        Ok(c)
+    }
+
+    fn invalidate(&self) {
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = None;
+        }
+    }
+}
+
 /// gRPC discovery client. Dropping it stops every stream.
 pub struct GrpcDiscovery {
-    channel: Channel,
+    channel: SharedChannel,
     caller: String,
     backoff: ReconnectBackoff,
     watches: Arc<Watches>,
@@ -78,10 +108,15 @@ impl GrpcDiscovery {
         let endpoint = Endpoint::from_shared(address.to_string())
             .map_err(|e| AddressError(address.into(), e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(24 * 3600))
             .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10));
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         Ok(Arc::new(GrpcDiscovery {
-            channel: endpoint.connect_lazy(),
+            channel: SharedChannel {
+                endpoint,
+                current: Arc::new(std::sync::Mutex::new(None)),
+            },
             caller: caller.to_string(),
             backoff,
             watches: Arc::new(Watches::default()),
@@ -91,7 +126,7 @@ impl GrpcDiscovery {
     }
 
     fn start(&self, key: ServiceKey) {
-        let client = DiscoveryClient::new(self.channel.clone());
+        let channel = self.channel.clone();
         let watches = self.watches.clone();
         let backoff = self.backoff.clone();
         let connected = self.connected.clone();
@@ -103,7 +138,13 @@ impl GrpcDiscovery {
         let task = tokio::spawn(async move {
             let mut failures: u32 = 0;
             loop {
-                match client.clone().watch(request.clone()).await {
+                let call = async {
+                    let ch = channel.get().await.map_err(|e| {
+                        tonic::Status::unavailable(format!("connecting to the control plane: {e}"))
+                    })?;
+                    DiscoveryClient::new(ch).watch(request.clone()).await
+                };
+                match call.await {
                     Ok(response) => {
                         let mut stream = response.into_inner();
                         loop {
@@ -130,6 +171,7 @@ impl GrpcDiscovery {
                         tracing::warn!(service = %key, error = %status, "discovery watch refused or unreachable; retrying");
                     }
                 }
+                channel.invalidate();
                 let delay = backoff.delay(failures);
                 failures = failures.saturating_add(1);
                 tokio::time::sleep(delay).await;
