@@ -324,13 +324,79 @@ fn schema_problems(doc: &str, schema: &Value, value: &Value) -> Vec<Problem> {
             )];
         }
     };
-    validator
+    let mut problems: Vec<Problem> = validator
         .iter_errors(value)
         .map(|error| {
-            let field = pointer_to_field(&error.instance_path().to_string());
+            let mut field = pointer_to_field(&error.instance_path().to_string());
+            // Name the missing field itself, as the API server does ("Required value").
+            if let jsonschema::error::ValidationErrorKind::Required { property } = error.kind() {
+                let name = property.as_str().unwrap_or_default();
+                field = if field.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{field}.{name}")
+                };
+                return problem(doc, &field, "Required value");
+            }
             problem(doc, &field, error.to_string())
         })
-        .collect()
+        .collect();
+    duplicate_keys(doc, schema, value, String::new(), &mut problems);
+    problems
+}
+
+/// `x-kubernetes-list-type: map` lists: the items' keys must be unique (JSON Schema has no word
+/// for this).
+fn duplicate_keys(
+    doc: &str,
+    schema: &Value,
+    value: &Value,
+    path: String,
+    problems: &mut Vec<Problem>,
+) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                if let Some(child_schema) = schema["properties"].get(key) {
+                    let child_path = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    duplicate_keys(doc, child_schema, child, child_path, problems);
+                }
+            }
+        }
+        Value::Array(items) => {
+            let keys: Vec<&str> = schema["x-kubernetes-list-map-keys"]
+                .as_array()
+                .map(|k| k.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if schema["x-kubernetes-list-type"] == "map" && !keys.is_empty() {
+                let mut seen = std::collections::HashSet::new();
+                for (i, item) in items.iter().enumerate() {
+                    let key: Vec<String> = keys.iter().map(|k| item[*k].to_string()).collect();
+                    if !seen.insert(key.clone()) {
+                        problems.push(problem(
+                            doc,
+                            &format!("{path}[{i}]"),
+                            format!("Duplicate value: {}", key.join(", ")),
+                        ));
+                    }
+                }
+            }
+            for (i, item) in items.iter().enumerate() {
+                duplicate_keys(
+                    doc,
+                    &schema["items"],
+                    item,
+                    format!("{path}[{i}]"),
+                    problems,
+                );
+            }
+        }
+        _ => {}
+    }
 }
 
 /// `/spec/steps/1/action/path` → `spec.steps[1].action.path`.

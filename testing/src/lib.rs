@@ -7,6 +7,8 @@
 //! - [`TestBed::with_namespace`] runs a test body in a fresh namespace and deletes it afterwards,
 //!   also when the body panics.
 
+pub mod fixtures;
+
 use std::{
     future::Future,
     path::{Path, PathBuf},
