@@ -53,6 +53,9 @@ pub struct ClientConfig {
     pub pool_idle_timeout: Duration,
     /// Random jitter on retry backoff (turn off for repeatable tests).
     pub jitter: bool,
+    /// Most distinct destinations watched; requests to further names get `unknown-service`
+    /// (bounds memory, discovery streams and metric label sets whatever names callers send).
+    pub max_destinations: usize,
 }
 
 impl Default for ClientConfig {
@@ -63,6 +66,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(1),
             pool_idle_timeout: Duration::from_secs(90),
             jitter: true,
+            max_destinations: 1000,
         }
     }
 }
@@ -354,12 +358,16 @@ impl MeshClient {
         &self.inner.discover
     }
 
-    fn destination(&self, key: &ServiceKey) -> Arc<Destination> {
+    fn destination(&self, key: &ServiceKey) -> Option<Arc<Destination>> {
         let mut map = match self.inner.destinations.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        map.entry(key.clone())
+        if map.len() >= self.inner.cfg.max_destinations && !map.contains_key(key) {
+            return None;
+        }
+        let dest = map
+            .entry(key.clone())
             .or_insert_with(|| {
                 let mut rx = self.inner.discover.watch(key);
                 let first = rx.borrow_and_update().clone();
@@ -370,7 +378,8 @@ impl MeshClient {
                     in_flight: Arc::new(AtomicU32::new(0)),
                 })
             })
-            .clone()
+            .clone();
+        Some(dest)
     }
 
     /// Sends a request to `target` and records it in the outbound metrics. The request's URI
@@ -381,12 +390,22 @@ impl MeshClient {
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, MeshError> {
         let start = Instant::now();
-        let result = self.send_inner(target, req).await;
+        let dest = self.destination(&target.service);
+        let destination = match &dest {
+            Some(d) => d.label.clone(),
+            None => "other".to_string(),
+        };
+        let result = match dest {
+            Some(dest) => self.send_inner(dest, target, req).await,
+            None => Err(MeshError::UnknownService(format!(
+                "{} (more than {} destinations in use)",
+                target.service, self.inner.cfg.max_destinations
+            ))),
+        };
         let (status, error) = match &result {
             Ok(r) => (r.status(), ""),
             Err(e) => (e.status(), e.code()),
         };
-        let destination = target.service.to_string();
         let m = &self.inner.metrics;
         m.requests
             .get_or_create(&RequestLabels {
@@ -407,10 +426,10 @@ impl MeshClient {
 
     async fn send_inner(
         &self,
+        dest: Arc<Destination>,
         target: &Target,
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, MeshError> {
-        let dest = self.destination(&target.service);
         let state = dest.wait_resolved(self.inner.cfg.discovery_timeout).await;
         let name = &dest.label;
         let snapshot = match &state.resolution {

@@ -81,6 +81,10 @@ pub struct Config {
     #[arg(long, env = "SAGAMESH_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
 
+    /// Most distinct destinations watched at once; further names get `unknown-service`.
+    #[arg(long, env = "SAGAMESH_MAX_DESTINATIONS", default_value_t = 1000)]
+    pub max_destinations: usize,
+
     /// TCP connect timeout to endpoints.
     #[arg(long, env = "SAGAMESH_CONNECT_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub connect_timeout: Duration,
@@ -117,6 +121,7 @@ impl Config {
             max_retry_body_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
+            max_destinations: 1000,
             connect_timeout: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
             no_jitter: true,

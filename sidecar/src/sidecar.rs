@@ -85,6 +85,7 @@ impl Sidecar {
                 max_retry_body_bytes: config.max_retry_body_bytes,
                 connect_timeout: config.connect_timeout,
                 jitter: !config.no_jitter,
+                max_destinations: config.max_destinations,
                 ..ClientConfig::default()
             },
             metrics.clone(),

@@ -720,3 +720,90 @@ async fn admin_ready_live_and_drain() {
         .await
         .expect("shutdown is bounded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_is_retried_only_with_an_idempotency_key_and_its_body_is_replayed() {
+    let broken = Backend::start("broken", [127, 0, 0, 1]);
+    broken
+        .status
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    let ok = Backend::start("ok", [127, 0, 0, 2]);
+    let s = with_retries(
+        round_robin(spec(&[broken.addr, ok.addr])),
+        sr::RetryBudget {
+            ratio: 1.0,
+            min_retries_per_second: Some(100),
+            ttl: None,
+        },
+    );
+    let d = StaticDiscovery::new();
+    d.set(snapshot("web", &s));
+    let sidecar = start_sidecar(d).await;
+    let client = http_client();
+    let body = bytes::Bytes::from(vec![b'x'; 1000]);
+    let mut plain_503 = 0;
+    for _ in 0..4 {
+        // Round robin alternates; a 503 from `broken` goes back to the caller unretried.
+        let g = request_with_body(
+            &client,
+            sidecar.outbound_addr(),
+            "POST",
+            "web",
+            "/",
+            &[],
+            body.clone(),
+        )
+        .await;
+        if g.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(g.header("x-backend"), Some("broken"));
+            assert_eq!(g.error(), None, "the backend's own 503");
+            plain_503 += 1;
+        }
+    }
+    assert_eq!(plain_503, 2, "POST without Idempotency-Key is not retried");
+    for _ in 0..4 {
+        let g = request_with_body(
+            &client,
+            sidecar.outbound_addr(),
+            "POST",
+            "web",
+            "/",
+            &[("idempotency-key", "saga-1/step/action")],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(g.status, StatusCode::OK, "{g:?}");
+        assert_eq!(
+            g.header("x-body-len"),
+            Some("1000"),
+            "the body is replayed whole"
+        );
+    }
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_are_bounded() {
+    let mut config = Config::local_test();
+    config.max_destinations = 2;
+    let sidecar = start_sidecar_with(config, StaticDiscovery::new()).await;
+    let client = http_client();
+    for name in ["one", "two", "three", "four"] {
+        let g = get(&client, sidecar.outbound_addr(), name).await;
+        assert_eq!(g.error(), Some("unknown-service"));
+    }
+    let m = scrape(sidecar.admin_addr()).await;
+    assert_eq!(
+        metric(&m, "sagamesh_requests_total", &[("destination", "other")]),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sagamesh_requests_total",
+            &[("destination", "three.default")]
+        ),
+        0.0
+    );
+    sidecar.shutdown().await;
+}

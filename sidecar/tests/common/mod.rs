@@ -119,13 +119,19 @@ impl Backend {
                                 tokio::time::sleep(Duration::from_millis(d)).await;
                             }
                             let seen = req.headers().get("traceparent").cloned();
-                            let _ = req.into_body().collect().await;
+                            let len = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().len())
+                                .unwrap_or(usize::MAX);
                             let mut resp = Response::new(Full::new(Bytes::from(name.clone())));
                             *resp.status_mut() =
                                 StatusCode::from_u16(status.load(Ordering::SeqCst))
                                     .unwrap_or(StatusCode::OK);
                             resp.headers_mut()
                                 .insert("x-backend", name.parse().expect("name header"));
+                            resp.headers_mut().insert("x-body-len", len.into());
                             if let Some(t) = seen {
                                 resp.headers_mut().insert("x-seen-traceparent", t);
                             }
@@ -238,6 +244,19 @@ pub async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Got {
+    request_with_body(client, proxy, method, host, path, headers, Bytes::new()).await
+}
+
+/// Like [`request`], with a body.
+pub async fn request_with_body(
+    client: &HttpClient,
+    proxy: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Got {
     let mut req = Request::builder()
         .method(method)
         .uri(format!("http://{proxy}{path}"))
@@ -245,7 +264,7 @@ pub async fn request(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::new())).expect("request");
+    let req = req.body(Full::new(body)).expect("request");
     let resp = tokio::time::timeout(WAIT, client.request(req))
         .await
         .expect("request timed out")
