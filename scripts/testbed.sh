@@ -120,7 +120,7 @@ EOF
       mv "$BIN_DIR/etcd.tmp" "$BIN_DIR/etcd"
     fi
   )
-  log "built in $((SECONDS - started))s: $(ls "$BIN_DIR" | tr '\n' ' ')"
+  log "built in $((SECONDS - started))s"
 }
 
 # --- helpers -------------------------------------------------------------------------------------
