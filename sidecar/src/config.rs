@@ -97,6 +97,15 @@ pub struct Config {
     #[arg(long, env = "SAGAMESH_NO_JITTER", default_value_t = false)]
     pub no_jitter: bool,
 
+    /// OTLP/HTTP collector for spans (JSON encoding, plain HTTP), e.g. http://otel-collector:4318.
+    /// Unset: no span export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// `service.name` of exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "sagamesh-sidecar")]
+    pub otel_service_name: String,
+
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "SAGAMESH_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
@@ -125,6 +134,8 @@ impl Config {
             connect_timeout: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
             no_jitter: true,
+            otlp_endpoint: None,
+            otel_service_name: "sagamesh-sidecar".into(),
             log_format: LogFormat::Plain,
         }
     }

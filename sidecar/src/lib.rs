@@ -19,6 +19,7 @@ pub mod endpoint;
 pub mod error;
 pub mod metrics;
 pub mod name;
+pub mod otlp;
 pub mod policy;
 pub mod proxy;
 pub mod retry;

@@ -26,7 +26,47 @@ use crate::client::{MeshClient, strip_hop_by_hop};
 use crate::error::{ERROR_HEADER, MeshError};
 use crate::metrics::{DestinationLabels, Metrics, RequestLabels, status_class};
 use crate::name::parse_authority;
-use crate::trace;
+use crate::otlp::{OtlpExporter, SpanKind, SpanRecord};
+use crate::trace::{self, TraceContext};
+
+/// Exports the span of one proxied request, when OTLP export is on.
+#[allow(clippy::too_many_arguments)]
+fn export_span(
+    otlp: Option<&OtlpExporter>,
+    parent: Option<TraceContext>,
+    context: TraceContext,
+    name: String,
+    kind: SpanKind,
+    start: std::time::SystemTime,
+    method: &Method,
+    resp: &Response<BoxBody>,
+) {
+    let Some(otlp) = otlp else { return };
+    let mut attributes = vec![
+        ("http.request.method", method.to_string()),
+        (
+            "http.response.status_code",
+            resp.status().as_u16().to_string(),
+        ),
+    ];
+    let error = resp
+        .headers()
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if let Some(e) = error {
+        attributes.push(("sagamesh.error", e.to_string()));
+    }
+    otlp.export(SpanRecord {
+        context,
+        parent_span_id: parent.map(|p| p.span_id),
+        name,
+        kind,
+        start,
+        end: std::time::SystemTime::now(),
+        attributes,
+        error: error.is_some() || resp.status().is_server_error(),
+    });
+}
 
 /// Limits every listener applies to what callers send.
 #[derive(Clone, Debug)]
@@ -175,6 +215,7 @@ pub struct Outbound {
     pub default_namespace: Arc<str>,
     pub cluster_domain: Arc<str>,
     pub limits: Limits,
+    pub otlp: Option<OtlpExporter>,
 }
 
 impl Outbound {
@@ -226,19 +267,32 @@ impl Outbound {
             .map_err(|e| MeshError::BadRequest(e.to_string()))?;
         let grpc = is_grpc(&req);
         let mut req = limit_body(req, self.limits.max_body_bytes)?;
-        let ctx = trace::propagate(req.headers_mut());
+        let (parent, ctx) = trace::propagate_with_parent(req.headers_mut());
         let span = tracing::debug_span!("outbound", destination = %target.service, trace_id = %ctx.trace_id_hex());
         let _entered = span.enter();
-        match self.client.send(&target, req).await {
+        let started = std::time::SystemTime::now();
+        let method = req.method().clone();
+        let resp = match self.client.send(&target, req).await {
             Ok(mut resp) => {
                 strip_hop_by_hop(resp.headers_mut());
-                Ok(resp)
+                resp
             }
             Err(e) => {
                 tracing::debug!(destination = %target.service, error = %e, "request failed in the mesh");
-                Ok(error_response(&e, grpc))
+                error_response(&e, grpc)
             }
-        }
+        };
+        export_span(
+            self.otlp.as_ref(),
+            parent,
+            ctx,
+            format!("outbound {}", target.service),
+            SpanKind::Client,
+            started,
+            &method,
+            &resp,
+        );
+        Ok(resp)
     }
 }
 
@@ -251,6 +305,7 @@ pub struct Inbound {
     h1: Client<HttpConnector, BoxBody>,
     h2: Client<HttpConnector, BoxBody>,
     label: Arc<str>,
+    pub otlp: Option<OtlpExporter>,
 }
 
 impl Inbound {
@@ -267,16 +322,31 @@ impl Inbound {
                 .http2_only(true)
                 .build(connector),
             label: format!("app:{}", app.port()).into(),
+            otlp: None,
         }
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
+        let started = std::time::SystemTime::now();
+        let method = req.method().clone();
+        let mut req = req;
+        let (parent, ctx) = trace::propagate_with_parent(req.headers_mut());
         let resp = match self.forward(req).await {
             Ok(r) => r,
             Err(e) => error_response(&e, grpc),
         };
+        export_span(
+            self.otlp.as_ref(),
+            parent,
+            ctx,
+            format!("inbound {}", self.label),
+            SpanKind::Server,
+            started,
+            &method,
+            &resp,
+        );
         let error = resp
             .headers()
             .get(ERROR_HEADER)
@@ -317,7 +387,6 @@ impl Inbound {
                 .map(str::to_string)
         });
         strip_hop_by_hop(&mut parts.headers);
-        trace::propagate(&mut parts.headers);
         let path = parts
             .uri
             .path_and_query()

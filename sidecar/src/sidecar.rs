@@ -106,11 +106,17 @@ impl Sidecar {
                 addr: config.outbound_addr,
                 source,
             })?;
+        let otlp = config
+            .otlp_endpoint
+            .as_deref()
+            .filter(|e| !e.is_empty())
+            .map(|e| crate::otlp::OtlpExporter::spawn(e, &config.otel_service_name));
         let outbound = Outbound {
             client: client.clone(),
             default_namespace: config.namespace.clone().into(),
             cluster_domain: config.cluster_domain.clone().into(),
             limits: limits.clone(),
+            otlp: otlp.clone(),
         };
         let mut proxies = vec![tokio::spawn(serve(
             outbound_listener,
@@ -127,11 +133,12 @@ impl Sidecar {
         if let Some(port) = config.app_port {
             let listener = bind(config.inbound_addr).await?;
             inbound_addr = listener.local_addr().ok();
-            let inbound = Inbound::new(
+            let mut inbound = Inbound::new(
                 SocketAddr::from(([127, 0, 0, 1], port)),
                 metrics.clone(),
                 limits.clone(),
             );
+            inbound.otlp = otlp.clone();
             proxies.push(tokio::spawn(serve(
                 listener,
                 limits.clone(),

@@ -97,6 +97,11 @@ impl TraceContext {
 /// Replaces the request's `traceparent` with a child of it (or a new root) and returns the
 /// context sent on.
 pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
+    propagate_with_parent(headers).1
+}
+
+/// Like [`propagate`], also returning the caller's context when it sent a valid one.
+pub fn propagate_with_parent(headers: &mut HeaderMap) -> (Option<TraceContext>, TraceContext) {
     let parent = headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
@@ -108,7 +113,7 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
     if let Ok(v) = HeaderValue::from_str(&ctx.to_header()) {
         headers.insert(TRACEPARENT, v);
     }
-    ctx
+    (parent, ctx)
 }
 
 #[cfg(test)]

@@ -807,3 +807,88 @@ async fn destinations_are_bounded() {
     );
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_with_the_propagated_ids() {
+    use http_body_util::BodyExt;
+    // A fake OTLP/HTTP collector that keeps every JSON body it gets.
+    let bodies: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let collector = listener.local_addr().expect("addr");
+    let store = bodies.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let store = store.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let store = store.clone();
+                        async move {
+                            assert_eq!(req.uri().path(), "/v1/traces");
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            if let Ok(v) = serde_json::from_slice(&body) {
+                                store.lock().expect("lock").push(v);
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"{}")),
+                            ))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    let b = Backend::start("a", [127, 0, 0, 1]);
+    let d = StaticDiscovery::new();
+    d.set(snapshot("web", &spec(&[b.addr])));
+    let mut config = Config::local_test();
+    config.otlp_endpoint = Some(format!("http://{collector}"));
+    let sidecar = start_sidecar_with(config, d).await;
+    let g = request(
+        &http_client(),
+        sidecar.outbound_addr(),
+        "GET",
+        "web",
+        "/",
+        &[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )],
+    )
+    .await;
+    let seen = g
+        .header("x-seen-traceparent")
+        .expect("traceparent")
+        .to_string();
+    let sent_span = seen.split('-').nth(2).expect("span id").to_string();
+    eventually("the span reaches the collector", || {
+        let bodies = bodies.clone();
+        let sent_span = sent_span.clone();
+        async move {
+            bodies.lock().expect("lock").iter().any(|v| {
+                let span = &v["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
+                span["traceId"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+                    && span["parentSpanId"] == "00f067aa0ba902b7"
+                    && span["spanId"] == sent_span.as_str()
+                    && span["name"] == "outbound web.default"
+            })
+        }
+    })
+    .await;
+    sidecar.shutdown().await;
+    server.abort();
+}
