@@ -892,3 +892,88 @@ async fn spans_are_exported_over_otlp_with_the_propagated_ids() {
     sidecar.shutdown().await;
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_retries_on_another_endpoint() {
+    let slow = Backend::start("slow", [127, 0, 0, 1]);
+    slow.set_delay(Duration::from_secs(3));
+    let fast = Backend::start("fast", [127, 0, 0, 2]);
+    let mut s = with_retries(
+        round_robin(spec(&[slow.addr, fast.addr])),
+        sr::RetryBudget {
+            ratio: 1.0,
+            min_retries_per_second: Some(100),
+            ttl: None,
+        },
+    );
+    if let Some(r) = s.retry.as_mut() {
+        r.per_try_timeout = Some("150ms".into());
+    }
+    s.timeout = Some("10s".into());
+    let d = StaticDiscovery::new();
+    d.set(snapshot("web", &s));
+    let sidecar = start_sidecar(d).await;
+    let client = http_client();
+    for _ in 0..4 {
+        let g = get(&client, sidecar.outbound_addr(), "web").await;
+        assert_eq!(g.status, StatusCode::OK, "{g:?}");
+        assert_eq!(g.header("x-backend"), Some("fast"));
+    }
+    assert!(
+        slow.hits() >= 1,
+        "the slow endpoint was tried first at least once"
+    );
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_a_key_on_one_endpoint() {
+    let backends = [
+        Backend::start("a", [127, 0, 0, 1]),
+        Backend::start("b", [127, 0, 0, 2]),
+        Backend::start("c", [127, 0, 0, 3]),
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let mut s = spec(&addrs);
+    s.load_balancer = sr::LoadBalancer {
+        policy: sr::LoadBalancerPolicy::ConsistentHash,
+        hash_header: Some("x-user".into()),
+    };
+    let d = StaticDiscovery::new();
+    d.set(snapshot("web", &s));
+    let sidecar = start_sidecar(d).await;
+    let client = http_client();
+    let mut used = std::collections::HashSet::new();
+    for user in 0..30 {
+        let key = format!("user-{user}");
+        let first = request(
+            &client,
+            sidecar.outbound_addr(),
+            "GET",
+            "web",
+            "/",
+            &[("x-user", &key)],
+        )
+        .await;
+        let backend = first.header("x-backend").expect("backend").to_string();
+        for _ in 0..3 {
+            let again = request(
+                &client,
+                sidecar.outbound_addr(),
+                "GET",
+                "web",
+                "/",
+                &[("x-user", &key)],
+            )
+            .await;
+            assert_eq!(
+                again.header("x-backend"),
+                Some(backend.as_str()),
+                "{key} moved"
+            );
+        }
+        used.insert(backend);
+    }
+    assert_eq!(used.len(), 3, "30 keys spread over all endpoints: {used:?}");
+    sidecar.shutdown().await;
+}
