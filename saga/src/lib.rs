@@ -8,6 +8,7 @@
 
 pub mod engine;
 pub mod file_store;
+pub mod kubernetes;
 pub mod state;
 pub mod template;
 

@@ -1,0 +1,504 @@
+//! Sagas as Kubernetes objects: the status subresource is the durable store, and a kube-rs
+//! `Controller` runs every non-terminal saga — only while this replica holds the Lease.
+//!
+//! - Writes use `PUT .../status` with the last `resourceVersion` this replica saw, so two
+//!   replicas can never both advance a saga: the loser gets a conflict and stops.
+//! - A finalizer keeps a running saga from disappearing mid-flight: deleting it lets it reach a
+//!   terminal phase (compensating if a step fails) before the object goes.
+//! - Events mark the transitions a person cares about; metrics count them.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        watcher,
+    },
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use sagamesh_api::saga::{Saga, SagaStatus};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    engine::{self, EngineConfig, SagaRef, SagaStore, ServiceCaller, StoreError},
+    state::{Call, Event},
+};
+
+/// Finalizer that keeps a running saga until it is terminal.
+pub const FINALIZER: &str = "sagamesh.io/saga";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    call: String,
+    outcome: String,
+}
+
+/// Saga metrics, registered under the `sagamesh_saga` prefix.
+#[derive(Clone)]
+pub struct SagaMetrics {
+    events: Family<KindLabels, Counter>,
+    calls: Family<CallLabels, Histogram>,
+    running: Gauge,
+}
+
+impl SagaMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            events: Family::default(),
+            calls: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+            }),
+            running: Gauge::default(),
+        };
+        let registry = registry.sub_registry_with_prefix("sagamesh_saga");
+        registry.register(
+            "events",
+            "Saga transitions by kind (SagaSucceeded, SagaCompensated, SagaFailed, ActionFailed, AttemptFailed (a retry follows), CompensationSucceeded, ...)",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "call_duration_seconds",
+            "Latency of saga calls by call (action, compensation) and outcome",
+            metrics.calls.clone(),
+        );
+        registry.register(
+            "running",
+            "Sagas being executed by this replica",
+            metrics.running.clone(),
+        );
+        metrics
+    }
+}
+
+/// The event kind as metrics and Events name it (a fixed, bounded set).
+fn event_kind(event: &Event) -> &'static str {
+    match event {
+        Event::Started { .. } => "SagaStarted",
+        Event::Invalid { .. } => "SagaInvalid",
+        Event::CallStarted {
+            call: Call::Action(_),
+            ..
+        } => "ActionStarted",
+        Event::CallStarted { .. } => "CompensationStarted",
+        Event::CallSucceeded {
+            call: Call::Action(_),
+            ..
+        } => "ActionSucceeded",
+        Event::CallSucceeded { .. } => "CompensationSucceeded",
+        Event::AttemptFailed { .. } => "AttemptFailed",
+        Event::CallFailed {
+            call: Call::Action(_),
+            ..
+        } => "ActionFailed",
+        Event::CallFailed { .. } => "CompensationFailed",
+        Event::CompensationSkipped { .. } => "CompensationSkipped",
+        Event::DeadlineExceeded => "DeadlineExceeded",
+    }
+}
+
+/// (namespace, saga, call) of a call in flight, for its latency.
+type CallKey = (String, String, String);
+
+/// The status subresource as a [`SagaStore`].
+#[derive(Clone)]
+pub struct KubeSagaStore {
+    client: Client,
+    recorder: Recorder,
+    metrics: Option<SagaMetrics>,
+    /// The last object this replica read or wrote, per saga: its `resourceVersion` guards the
+    /// next write.
+    objects: Arc<Mutex<HashMap<(String, String), Saga>>>,
+    call_started: Arc<Mutex<HashMap<CallKey, Instant>>>,
+}
+
+impl KubeSagaStore {
+    pub fn new(client: Client, reporter: Reporter, metrics: Option<SagaMetrics>) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            objects: Arc::default(),
+            call_started: Arc::default(),
+        }
+    }
+
+    fn key(namespace: &str, name: &str) -> (String, String) {
+        (namespace.to_string(), name.to_string())
+    }
+
+    /// Starts tracking `saga` as the base of the next write.
+    pub fn remember(&self, saga: &Saga) {
+        let key = Self::key(&saga.namespace().unwrap_or_default(), &saga.name_any());
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, saga.clone());
+    }
+
+    fn forget(&self, namespace: &str, name: &str) {
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&Self::key(namespace, name));
+    }
+
+    fn observe(&self, saga: &SagaRef, event: &Event) {
+        let Some(metrics) = &self.metrics else { return };
+        metrics
+            .events
+            .get_or_create(&KindLabels {
+                kind: event_kind(event).to_string(),
+            })
+            .inc();
+        let (call, outcome) = match event {
+            Event::CallStarted { call, .. } => {
+                let key = (
+                    saga.namespace.clone(),
+                    saga.name.clone(),
+                    format!("{call:?}"),
+                );
+                self.call_started
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, Instant::now());
+                return;
+            }
+            Event::CallSucceeded { call, .. } => (call, "succeeded"),
+            Event::AttemptFailed { call, .. } | Event::CallFailed { call, .. } => (call, "failed"),
+            _ => return,
+        };
+        let key = (
+            saga.namespace.clone(),
+            saga.name.clone(),
+            format!("{call:?}"),
+        );
+        if let Some(started) = self
+            .call_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key)
+        {
+            metrics
+                .calls
+                .get_or_create(&CallLabels {
+                    call: call.kind().to_string(),
+                    outcome: outcome.to_string(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Publishes a Kubernetes Event for the transitions a person cares about.
+    async fn publish(&self, saga: &Saga, status: &SagaStatus, event: &Event) {
+        let step_name = |call: &Call| {
+            status
+                .steps
+                .get(call.step())
+                .map(|s| s.name.clone())
+                .unwrap_or_default()
+        };
+        let (type_, reason, note) = match event {
+            Event::Started { trace_id } => {
+                (EventType::Normal, "Started", format!("trace id {trace_id}"))
+            }
+            Event::Invalid { reason } => (EventType::Warning, "Invalid", reason.clone()),
+            Event::CallFailed {
+                call: call @ Call::Action(_),
+                error,
+                ..
+            } => (
+                EventType::Warning,
+                "StepFailed",
+                format!("step {:?} failed: {error}; compensating", step_name(call)),
+            ),
+            Event::CallFailed { call, error, .. } => (
+                EventType::Warning,
+                "CompensationFailed",
+                format!(
+                    "compensation of step {:?} failed for good: {error}. A person must undo the remaining effects by hand (see status.steps), then delete this Saga.",
+                    step_name(call)
+                ),
+            ),
+            Event::DeadlineExceeded => (
+                EventType::Warning,
+                "DeadlineExceeded",
+                "the saga deadline passed; compensating".to_string(),
+            ),
+            _ if status.phase.is_terminal() => (
+                if status.phase == sagamesh_api::saga::SagaPhase::Succeeded {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                },
+                match status.phase {
+                    sagamesh_api::saga::SagaPhase::Succeeded => "Succeeded",
+                    sagamesh_api::saga::SagaPhase::Compensated => "Compensated",
+                    _ => "Failed",
+                },
+                format!("saga is {:?}", status.phase),
+            ),
+            _ => return,
+        };
+        let event = KubeEvent {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Run".to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &saga.object_ref(&())).await {
+            tracing::warn!(saga = %saga.name_any(), error = %e, "could not publish an Event");
+        }
+    }
+}
+
+impl SagaStore for KubeSagaStore {
+    async fn save(
+        &self,
+        saga: &SagaRef,
+        status: &SagaStatus,
+        event: &Event,
+    ) -> Result<(), StoreError> {
+        let key = Self::key(&saga.namespace, &saga.name);
+        let Some(mut object) = self
+            .objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()
+        else {
+            return Err(StoreError::Conflict(format!(
+                "saga {}/{} is not tracked",
+                saga.namespace, saga.name
+            )));
+        };
+        if object.metadata.uid.as_deref() != Some(saga.uid.as_str()) {
+            return Err(StoreError::Conflict(
+                "the saga was replaced by another of the same name".into(),
+            ));
+        }
+        let mut status = status.clone();
+        status.observed_generation = object.metadata.generation;
+        object.status = Some(status.clone());
+        let api: Api<Saga> = Api::namespaced(self.client.clone(), &saga.namespace);
+        match api
+            .replace_status(&saga.name, &PostParams::default(), &object)
+            .await
+        {
+            Ok(updated) => {
+                self.objects
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, updated.clone());
+                self.observe(saga, event);
+                self.publish(&updated, &status, event).await;
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+                self.forget(&saga.namespace, &saga.name);
+                Err(StoreError::Conflict(e.message))
+            }
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+/// Runs sagas from the API server while `leader` is true.
+pub struct SagaController<C> {
+    pub client: Client,
+    pub caller: Arc<C>,
+    pub config: EngineConfig,
+    pub store: KubeSagaStore,
+    pub leader: watch::Receiver<bool>,
+    /// Restrict to one namespace (tests); `None`: all namespaces.
+    pub namespace: Option<String>,
+}
+
+struct Context<C> {
+    client: Client,
+    caller: Arc<C>,
+    config: EngineConfig,
+    store: KubeSagaStore,
+    leader: watch::Receiver<bool>,
+    running: Mutex<HashMap<(String, String), JoinHandle<()>>>,
+}
+
+/// Why a reconcile failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl<C: ServiceCaller + 'static> SagaController<C> {
+    /// Runs until `shutdown` resolves; aborts the sagas in flight when leadership is lost.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    ) {
+        let api: Api<Saga> = match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
+        let ctx = Arc::new(Context {
+            client: self.client,
+            caller: self.caller,
+            config: self.config,
+            store: self.store,
+            leader: self.leader.clone(),
+            running: Mutex::default(),
+        });
+        // Becoming leader re-reconciles everything; losing it stops every saga at once (the new
+        // leader resumes them from their status).
+        let (trigger_tx, trigger_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut leader = self.leader;
+        let watch_ctx = ctx.clone();
+        let leadership = tokio::spawn(async move {
+            loop {
+                let is_leader = *leader.borrow_and_update();
+                if is_leader {
+                    let _ = trigger_tx.try_send(());
+                } else {
+                    let mut running = watch_ctx.running.lock().unwrap_or_else(|p| p.into_inner());
+                    for (_, task) in running.drain() {
+                        task.abort();
+                    }
+                }
+                if leader.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let trigger = tokio_stream_from(trigger_rx);
+        Controller::new(api, watcher::Config::default())
+            .reconcile_all_on(trigger)
+            .graceful_shutdown_on(shutdown)
+            .run(reconcile::<C>, error_policy::<C>, ctx.clone())
+            .for_each(|_| async {})
+            .await;
+        leadership.abort();
+        let mut running = ctx.running.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, task) in running.drain() {
+            task.abort();
+        }
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<()>,
+) -> impl futures::Stream<Item = ()> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn reconcile<C: ServiceCaller + 'static>(
+    saga: Arc<Saga>,
+    ctx: Arc<Context<C>>,
+) -> Result<Action, ReconcileError> {
+    if !*ctx.leader.borrow() {
+        return Ok(Action::await_change());
+    }
+    let namespace = saga.namespace().unwrap_or_default();
+    let name = saga.name_any();
+    let key = (namespace.clone(), name.clone());
+    let api: Api<Saga> = Api::namespaced(ctx.client.clone(), &namespace);
+    let status = saga.status.clone().unwrap_or_default();
+    let has_finalizer = saga.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = saga.meta().deletion_timestamp.is_some();
+
+    let running = {
+        let mut running = ctx.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|_, task| !task.is_finished());
+        running.contains_key(&key)
+    };
+    let never_started =
+        status.phase == sagamesh_api::saga::SagaPhase::Pending && status.steps.is_empty();
+    if status.phase.is_terminal() || (deleting && never_started && !running) {
+        if deleting && has_finalizer {
+            let finalizers: Vec<_> = saga
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": saga.resource_version()}});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if running {
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    if !has_finalizer && !deleting {
+        let mut finalizers = saga.finalizers().to_vec();
+        finalizers.push(FINALIZER.to_string());
+        let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": saga.resource_version()}});
+        // The patch result triggers the next reconcile, which starts the saga.
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        return Ok(Action::await_change());
+    }
+    let saga_ref = SagaRef {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        uid: saga.uid().unwrap_or_default(),
+    };
+    ctx.store.remember(&saga);
+    let task_ctx = ctx.clone();
+    let spec = saga.spec.clone();
+    let task = tokio::spawn(async move {
+        if let Some(m) = &task_ctx.store.metrics {
+            m.running.inc();
+        }
+        let result = engine::run(
+            &saga_ref,
+            &spec,
+            status,
+            &task_ctx.store,
+            task_ctx.caller.as_ref(),
+            &task_ctx.config,
+        )
+        .await;
+        if let Some(m) = &task_ctx.store.metrics {
+            m.running.dec();
+        }
+        match result {
+            Ok(status) => {
+                tracing::info!(saga = %saga_ref.name, namespace = %saga_ref.namespace, phase = ?status.phase, "saga finished")
+            }
+            Err(e) => {
+                tracing::warn!(saga = %saga_ref.name, namespace = %saga_ref.namespace, error = %e, "saga run stopped; it resumes on the next reconcile")
+            }
+        }
+    });
+    ctx.running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, task);
+    Ok(Action::requeue(Duration::from_secs(10)))
+}
+
+fn error_policy<C>(saga: Arc<Saga>, error: &ReconcileError, _ctx: Arc<Context<C>>) -> Action {
+    tracing::warn!(saga = %saga.name_any(), %error, "saga reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
