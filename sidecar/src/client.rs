@@ -35,7 +35,7 @@ use crate::metrics::{
     AttemptLabels, DestinationLabels, EndpointLabels, Metrics, RequestLabels, ServiceLabels,
     status_class,
 };
-use crate::name::{ServiceKey, Target};
+use crate::name::{PortRef, ServiceKey, Target};
 use crate::policy::{RetryConfig, ServicePolicy};
 use crate::retry::{self, Outcome};
 
@@ -444,11 +444,14 @@ impl MeshClient {
         .ok_or_else(|| MeshError::UnknownService(name.clone()))?;
 
         // The port: the one named, else the first.
-        let port = match target.port {
+        let port = match &target.port {
             Some(p) => snapshot
                 .ports
                 .iter()
-                .find(|x| x.port == u32::from(p))
+                .find(|x| match p {
+                    PortRef::Number(n) => x.port == u32::from(*n),
+                    PortRef::Name(n) => &x.name == n,
+                })
                 .ok_or_else(|| MeshError::UnknownService(format!("{name} has no port {p}")))?,
             None => snapshot
                 .ports
@@ -534,7 +537,9 @@ impl MeshClient {
         }
         let attempts = retry_cfg.map(|r| r.attempts).unwrap_or(1);
 
+        let mut delivered = false;
         let run = self.attempts(
+            &mut delivered,
             &state,
             name,
             &candidates,
@@ -552,6 +557,7 @@ impl MeshClient {
             },
             None => run.await,
         };
+        let result = result.map_err(|e| e.delivered_before(delivered));
         result.map(|(resp, ep_guard)| {
             resp.map(|b| {
                 body::boxed(Guarded::new(
@@ -568,6 +574,7 @@ impl MeshClient {
     #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
+        delivered: &mut bool,
         state: &DestState,
         name: &str,
         candidates: &[usize],
@@ -599,6 +606,7 @@ impl MeshClient {
                         Some(Err(e)) => Err(MeshError::BudgetExhausted {
                             service: name.to_string(),
                             last: e.to_string(),
+                            maybe_delivered: e.maybe_delivered(),
                         }),
                         Some(ok) => ok,
                         None => Err(MeshError::NoEndpoints(name.to_string())),
@@ -622,6 +630,10 @@ impl MeshClient {
             let req = build_request(parts, req_body, &ep, use_h2)?;
             let (outcome, result) = self.attempt(&ep, probe, req, per_try, use_h2).await;
             self.record(state, name, idx, probe, outcome);
+            // Whether an attempt before the one in `last` may have reached the service.
+            if let Some(prev) = &last {
+                *delivered |= prev.as_ref().map_or_else(|e| e.maybe_delivered(), |_| true);
+            }
             let retry = attempt < attempts
                 && retry_cfg.is_some_and(|cfg| retry::is_retryable(cfg, outcome));
             last = Some(result);
@@ -731,6 +743,7 @@ impl MeshClient {
                         Err(MeshError::ConnectFailure {
                             endpoint: ep.key.clone(),
                             reason,
+                            maybe_delivered: false,
                         }),
                     )
                 } else {
@@ -810,6 +823,19 @@ impl MeshClient {
             .map(|b| b.state(now))
             .unwrap_or(BreakerState::Closed);
         self.set_gauge(name, ep, st);
+    }
+
+    /// Whether `service` is registered (waits up to the discovery timeout for a first answer).
+    pub async fn has_service(&self, service: &ServiceKey) -> bool {
+        match self.destination(service) {
+            Some(d) => matches!(
+                d.wait_resolved(self.inner.cfg.discovery_timeout)
+                    .await
+                    .resolution,
+                Resolution::Snapshot { .. }
+            ),
+            None => false,
+        }
     }
 
     /// JSON of what the client holds per destination (endpoints, breaker states, in-flight).
@@ -893,9 +919,9 @@ fn target_authority(parts: &http::request::Parts, target: &Target) -> String {
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)
         .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-        .unwrap_or_else(|| match target.port {
-            Some(p) => format!("{}:{p}", target.service.name),
-            None => target.service.name.clone(),
+        .unwrap_or_else(|| match &target.port {
+            Some(PortRef::Number(p)) => format!("{}:{p}", target.service.name),
+            _ => target.service.name.clone(),
         })
 }
 

@@ -20,7 +20,12 @@ pub enum MeshError {
     CircuitOpen(String),
     /// A retry was needed but the retry budget is spent.
     #[error("retry budget of {service} exhausted after: {last}")]
-    BudgetExhausted { service: String, last: String },
+    BudgetExhausted {
+        service: String,
+        last: String,
+        /// An earlier attempt may have reached the service.
+        maybe_delivered: bool,
+    },
     /// The overall deadline (or the last per-try timeout) passed.
     #[error("request to {0} timed out")]
     Timeout(String),
@@ -29,7 +34,12 @@ pub enum MeshError {
     Overloaded(String),
     /// No connection could be made to the endpoint.
     #[error("connect to {endpoint} failed: {reason}")]
-    ConnectFailure { endpoint: String, reason: String },
+    ConnectFailure {
+        endpoint: String,
+        reason: String,
+        /// An earlier attempt (before retries) may have reached the service.
+        maybe_delivered: bool,
+    },
     /// The endpoint reset or closed the connection before answering.
     #[error("{endpoint} reset the request: {reason}")]
     Reset { endpoint: String, reason: String },
@@ -55,6 +65,51 @@ impl MeshError {
             MeshError::Reset { .. } => "reset",
             MeshError::BadRequest(_) => "bad-request",
             MeshError::BodyTooLarge => "body-too-large",
+        }
+    }
+
+    /// Whether the request may have reached the service (and so may have taken effect): the
+    /// answer a saga engine needs before re-sending a call. Conservative: `true` unless the
+    /// mesh knows no attempt got past connecting.
+    pub fn maybe_delivered(&self) -> bool {
+        match self {
+            MeshError::UnknownService(_)
+            | MeshError::NoEndpoints(_)
+            | MeshError::CircuitOpen(_)
+            | MeshError::Overloaded(_)
+            | MeshError::BadRequest(_) => false,
+            MeshError::ConnectFailure {
+                maybe_delivered, ..
+            }
+            | MeshError::BudgetExhausted {
+                maybe_delivered, ..
+            } => *maybe_delivered,
+            MeshError::Timeout(_) | MeshError::Reset { .. } | MeshError::BodyTooLarge => true,
+        }
+    }
+
+    /// Marks that an earlier attempt may have reached the service.
+    pub(crate) fn delivered_before(self, earlier: bool) -> Self {
+        match self {
+            MeshError::ConnectFailure {
+                endpoint,
+                reason,
+                maybe_delivered,
+            } => MeshError::ConnectFailure {
+                endpoint,
+                reason,
+                maybe_delivered: maybe_delivered || earlier,
+            },
+            MeshError::BudgetExhausted {
+                service,
+                last,
+                maybe_delivered,
+            } => MeshError::BudgetExhausted {
+                service,
+                last,
+                maybe_delivered: maybe_delivered || earlier,
+            },
+            e => e,
         }
     }
 

@@ -25,11 +25,33 @@ impl fmt::Display for ServiceKey {
     }
 }
 
-/// A destination: a service and the port the caller named, if any.
+/// A port of a service, by number (as in an authority) or by ServicePort name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+impl fmt::Display for PortRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortRef::Number(n) => write!(f, "{n}"),
+            PortRef::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// A destination: a service and the port the caller named, if any (else the first port).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub service: ServiceKey,
-    pub port: Option<u16>,
+    pub port: Option<PortRef>,
+}
+
+impl Target {
+    pub fn new(service: ServiceKey, port: Option<PortRef>) -> Self {
+        Target { service, port }
+    }
 }
 
 /// Why an authority is not a mesh name.
@@ -79,7 +101,7 @@ pub fn parse_authority(
     }
     Ok(Target {
         service: ServiceKey::new(namespace, name),
-        port,
+        port: port.map(PortRef::Number),
     })
 }
 
@@ -90,7 +112,7 @@ mod tests {
     fn t(ns: &str, name: &str, port: Option<u16>) -> Target {
         Target {
             service: ServiceKey::new(ns, name),
-            port,
+            port: port.map(PortRef::Number),
         }
     }
 

@@ -425,6 +425,7 @@ impl Inbound {
             Err(e) if e.is_connect() => Err(MeshError::ConnectFailure {
                 endpoint: self.app.to_string(),
                 reason: e.to_string(),
+                maybe_delivered: false,
             }),
             Err(e) => Err(MeshError::Reset {
                 endpoint: self.app.to_string(),

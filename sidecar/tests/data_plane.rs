@@ -977,3 +977,68 @@ async fn consistent_hash_keeps_a_key_on_one_endpoint() {
     assert_eq!(used.len(), 3, "30 keys spread over all endpoints: {used:?}");
     sidecar.shutdown().await;
 }
+
+/// The saga engine's use: `MeshClient` directly, a port by name, `has_service`, and whether a
+/// failed call may have been delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_client_as_a_library() {
+    use sagamesh_sidecar::metrics::Metrics;
+    use sagamesh_sidecar::name::{PortRef, ServiceKey, Target};
+    use sagamesh_sidecar::{ClientConfig, MeshClient, body};
+
+    let b = Backend::start("orders", [127, 0, 0, 1]);
+    let d = StaticDiscovery::new();
+    let mut s = spec(&[b.addr]);
+    s.ports[0].name = "api".into();
+    d.set(snapshot("orders", &s));
+    d.set(snapshot("down", &spec(&[free_port([127, 0, 0, 2])])));
+    let client = MeshClient::new(d, ClientConfig::default(), Metrics::new());
+
+    assert!(
+        client
+            .has_service(&ServiceKey::new("default", "orders"))
+            .await
+    );
+    assert!(
+        !client
+            .has_service(&ServiceKey::new("default", "nosuch"))
+            .await
+    );
+
+    let target = Target::new(
+        ServiceKey::new("default", "orders"),
+        Some(PortRef::Name("api".into())),
+    );
+    let req = http::Request::post("/orders")
+        .header("idempotency-key", "saga-uid/reserve/action")
+        .body(body::full("{}"))
+        .expect("request");
+    let resp = client.send(&target, req).await.expect("answered");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers().get("x-backend").map(|v| v.as_bytes()),
+        Some(&b"orders"[..])
+    );
+
+    let wrong_port = Target::new(
+        ServiceKey::new("default", "orders"),
+        Some(PortRef::Name("grpc".into())),
+    );
+    let err = client
+        .send(&wrong_port, http::Request::new(body::empty()))
+        .await
+        .expect_err("no such port");
+    assert_eq!(err.code(), "unknown-service");
+    assert!(!err.maybe_delivered());
+
+    let down = Target::new(ServiceKey::new("default", "down"), None);
+    let err = client
+        .send(&down, http::Request::new(body::empty()))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), "connect-failure");
+    assert!(
+        !err.maybe_delivered(),
+        "a refused connection surely did not deliver"
+    );
+}
