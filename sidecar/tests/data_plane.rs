@@ -1042,3 +1042,55 @@ async fn mesh_client_as_a_library() {
         "a refused connection surely did not deliver"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_ejection_percent_caps_ejections_while_one_endpoint_is_healthy() {
+    let mut backends = [
+        Backend::start("a", [127, 0, 0, 1]),
+        Backend::start("b", [127, 0, 0, 2]),
+        Backend::start("c", [127, 0, 0, 3]),
+        Backend::start("d", [127, 0, 0, 1]),
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let mut s = with_retries(
+        round_robin(spec(&addrs)),
+        sr::RetryBudget {
+            ratio: 1.0,
+            min_retries_per_second: Some(1000),
+            ttl: None,
+        },
+    );
+    // Enough attempts to get past the three dead endpoints before any is ejected.
+    if let Some(r) = s.retry.as_mut() {
+        r.attempts = Some(4);
+    }
+    s.circuit_breaker = Some(sr::CircuitBreaker {
+        consecutive_failures: Some(2),
+        max_ejection_percent: Some(50),
+        ..Default::default()
+    });
+    let d = StaticDiscovery::new();
+    d.set(snapshot("web", &s));
+    let sidecar = start_sidecar(d).await;
+    for b in backends.iter_mut().take(3) {
+        b.kill();
+    }
+    let client = http_client();
+    for _ in 0..60 {
+        let g = get(&client, sidecar.outbound_addr(), "web").await;
+        assert_eq!(g.status, StatusCode::OK, "{g:?}");
+        assert_eq!(g.header("x-backend"), Some("d"));
+    }
+    let m = scrape(sidecar.admin_addr()).await;
+    let open: Vec<String> = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .filter(|a| metric(&m, "sagamesh_endpoint_breaker_state", &[("endpoint", a)]) > 0.0)
+        .collect();
+    assert_eq!(
+        open.len(),
+        2,
+        "at most 50% of 4 endpoints ejected: {open:?}"
+    );
+    sidecar.shutdown().await;
+}
