@@ -18,7 +18,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use sagamesh_api::saga::SagaStatus;
+use sagamesh_api::saga::{SagaSpec, SagaStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -53,8 +53,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FileStoreError + '_ {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Record {
     pub uid: String,
-    /// Hash of the spec the saga was started with (local mode refuses to resume a changed spec).
+    /// Hash of the spec the saga was started with (a changed manifest is not a new saga).
     pub spec_hash: String,
+    /// The spec the saga runs, so it resumes even if its manifest is gone.
+    #[serde(default)]
+    pub spec: Option<SagaSpec>,
     pub status: SagaStatus,
 }
 
@@ -72,8 +75,9 @@ pub struct FileStore {
     dir: PathBuf,
     /// Per-file write lock and line count.
     files: Arc<Mutex<HashMap<PathBuf, usize>>>,
-    /// The spec hash of each saga, filled by [`FileStore::create`] and [`FileStore::load`].
-    hashes: Arc<Mutex<HashMap<PathBuf, String>>>,
+    /// The spec (and its hash) of each saga, filled by [`FileStore::create`] and
+    /// [`FileStore::load`], written with every record.
+    specs: Arc<Mutex<HashMap<PathBuf, (String, Option<SagaSpec>)>>>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -93,7 +97,7 @@ impl FileStore {
         Ok(Self {
             dir,
             files: Arc::default(),
-            hashes: Arc::default(),
+            specs: Arc::default(),
         })
     }
 
@@ -111,31 +115,33 @@ impl FileStore {
         let path = self.path(namespace, name)?;
         let record = read_last(&path)?;
         if let Some(record) = &record {
-            self.hashes
+            self.specs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(path, record.spec_hash.clone());
+                .insert(path, (record.spec_hash.clone(), record.spec.clone()));
         }
         Ok(record)
     }
 
-    /// Stores a new saga (pending) and returns its uid.
+    /// Stores a new saga (pending) with its spec and returns its record.
     pub fn create(
         &self,
         namespace: &str,
         name: &str,
         spec_hash: &str,
+        spec: Option<SagaSpec>,
     ) -> Result<Record, FileStoreError> {
         let path = self.path(namespace, name)?;
         let record = Record {
             uid: new_uid(),
             spec_hash: spec_hash.to_string(),
+            spec: spec.clone(),
             status: SagaStatus::default(),
         };
-        self.hashes
+        self.specs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(path.clone(), spec_hash.to_string());
+            .insert(path.clone(), (spec_hash.to_string(), spec));
         self.append(&path, &record)?;
         Ok(record)
     }
@@ -275,8 +281,8 @@ impl SagaStore for FileStore {
         let path = self
             .path(&saga.namespace, &saga.name)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let spec_hash = self
-            .hashes
+        let (spec_hash, spec) = self
+            .specs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&path)
@@ -285,6 +291,7 @@ impl SagaStore for FileStore {
         let record = Record {
             uid: saga.uid.clone(),
             spec_hash,
+            spec,
             status: status.clone(),
         };
         let store = self.clone();
@@ -311,7 +318,7 @@ mod tests {
     async fn records_survive_reopening_and_torn_lines_are_ignored() {
         let dir = temp_dir("torn");
         let store = FileStore::open(&dir).expect("open");
-        let created = store.create("shop", "order-1", "h1").expect("create");
+        let created = store.create("shop", "order-1", "h1", None).expect("create");
         let saga = SagaRef {
             namespace: "shop".into(),
             name: "order-1".into(),
@@ -352,7 +359,7 @@ mod tests {
     async fn long_logs_are_compacted_to_the_last_record() {
         let dir = temp_dir("compact");
         let store = FileStore::open(&dir).expect("open");
-        let created = store.create("default", "s", "h").expect("create");
+        let created = store.create("default", "s", "h", None).expect("create");
         let saga = SagaRef {
             namespace: "default".into(),
             name: "s".into(),
@@ -393,7 +400,7 @@ mod tests {
             Err(FileStoreError::InvalidName(_))
         ));
         assert!(matches!(
-            store.create("shop", "A", "h"),
+            store.create("shop", "A", "h", None),
             Err(FileStoreError::InvalidName(_))
         ));
     }
