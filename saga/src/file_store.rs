@@ -69,6 +69,9 @@ pub struct StoredSaga {
     pub record: Record,
 }
 
+/// A saga's spec hash and spec.
+type SpecEntry = (String, Option<SagaSpec>);
+
 /// The directory-backed store.
 #[derive(Clone)]
 pub struct FileStore {
@@ -77,7 +80,7 @@ pub struct FileStore {
     files: Arc<Mutex<HashMap<PathBuf, usize>>>,
     /// The spec (and its hash) of each saga, filled by [`FileStore::create`] and
     /// [`FileStore::load`], written with every record.
-    specs: Arc<Mutex<HashMap<PathBuf, (String, Option<SagaSpec>)>>>,
+    specs: Arc<Mutex<HashMap<PathBuf, SpecEntry>>>,
 }
 
 fn valid_name(name: &str) -> bool {

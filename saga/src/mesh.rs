@@ -2,15 +2,14 @@
 //! [`MeshClient`] — the same discovery, balancing, circuit breaking, retry budget and timeouts
 //! every sidecar applies — so a saga step is just another caller of the service.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use http_body_util::BodyExt;
 use hyper::{Method, Request};
 use sagamesh_api::saga::HttpMethod;
 use sagamesh_sidecar::{
-    MeshClient, MeshError,
+    MeshClient,
     body::{self, BoxBody},
-    discovery::Resolution,
     name::{PortRef, ServiceKey, Target},
 };
 
@@ -23,35 +22,16 @@ const MAX_RESPONSE_BYTES: usize = 1 << 20;
 #[derive(Clone)]
 pub struct MeshCaller {
     client: MeshClient,
-    /// How long to wait for discovery's first answer about a service.
-    discovery_wait: Duration,
 }
 
 impl MeshCaller {
     pub fn new(client: MeshClient) -> Self {
-        Self {
-            client,
-            discovery_wait: Duration::from_secs(5),
-        }
+        Self { client }
     }
 
-    /// The service's state, waiting up to `discovery_wait` for a first answer.
-    async fn resolve(&self, key: &ServiceKey) -> Resolution {
-        let mut rx = self.client.discover().watch(key);
-        let wait = async {
-            loop {
-                let current = rx.borrow_and_update().clone();
-                if current != Resolution::Pending {
-                    return current;
-                }
-                if rx.changed().await.is_err() {
-                    return Resolution::Pending;
-                }
-            }
-        };
-        tokio::time::timeout(self.discovery_wait, wait)
-            .await
-            .unwrap_or(Resolution::Pending)
+    /// The client, e.g. for its metrics.
+    pub fn client(&self) -> &MeshClient {
+        &self.client
     }
 }
 
@@ -70,10 +50,12 @@ impl ServiceCaller for MeshCaller {
         let key = ServiceKey::new(request.namespace.clone(), request.service.clone());
         // A named port is resolved by the client from the service's ports.
         let target = Target::new(key.clone(), request.port.clone().map(PortRef::Name));
-        let authority = format!("{}.{}", key.name, key.namespace);
         let mut builder = Request::builder()
             .method(method(request.method))
-            .uri(format!("http://{authority}{}", request.path));
+            .uri(format!(
+                "http://{}.{}{}",
+                key.name, key.namespace, request.path
+            ));
         for (name, value) in &request.headers {
             builder = builder.header(name, value);
         }
@@ -106,32 +88,18 @@ impl ServiceCaller for MeshCaller {
                     },
                 }
             }
-            Err(error) => {
-                // Failures the mesh decided before sending anything cannot have taken effect;
-                // anything else (timeout, reset, budget spent after such) may have.
-                let maybe_delivered = !matches!(
-                    error,
-                    MeshError::UnknownService(_)
-                        | MeshError::NoEndpoints(_)
-                        | MeshError::CircuitOpen(_)
-                        | MeshError::Overloaded(_)
-                        | MeshError::ConnectFailure { .. }
-                        | MeshError::BadRequest(_)
-                        | MeshError::BodyTooLarge
-                );
-                CallOutcome::NoAnswer {
-                    error: format!("{} ({})", error, error.code()),
-                    maybe_delivered,
-                }
-            }
+            Err(error) => CallOutcome::NoAnswer {
+                error: format!("{error} ({})", error.code()),
+                // Failures the mesh decided before sending cannot have taken effect.
+                maybe_delivered: error.maybe_delivered(),
+            },
         }
     }
 
     async fn has_service(&self, namespace: &str, service: &str) -> bool {
-        matches!(
-            self.resolve(&ServiceKey::new(namespace, service)).await,
-            Resolution::Snapshot { .. }
-        )
+        self.client
+            .has_service(&ServiceKey::new(namespace, service))
+            .await
     }
 }
 
