@@ -2,3 +2,4 @@
 //! and are checked as the API server would check them ([`manifest`]).
 
 pub mod manifest;
+pub mod runner;

@@ -8,6 +8,7 @@
 //!   also when the body panics.
 
 pub mod fixtures;
+pub mod shop;
 
 use std::{
     future::Future,
