@@ -1,0 +1,346 @@
+//! The discovery gRPC server: `Watch(namespace, service)` answers with the service's full state
+//! at once and then with every change.
+//!
+//! This module knows nothing of Kubernetes: it reads plain [`View`]s from a [`Discover`] source
+//! (the operator's index, or anything else, e.g. local mode's manifest directory). Every watcher
+//! of a service shares one `tokio::sync::watch` channel, so a slow watcher only ever gets the
+//! latest view (coalesced) and never holds back the others, and no watcher causes an API call.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
+use sagamesh_api::discovery as pb;
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+
+/// The state of one destination service, as watchers see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct View {
+    /// Grows with every change; unique across the whole server (see [`View::revision`]).
+    pub revision: u64,
+    /// When the change was made in the source (for the push-latency metric).
+    pub changed_at: Instant,
+    /// `None`: no registration of that name exists.
+    pub snapshot: Option<pb::Snapshot>,
+}
+
+impl View {
+    /// The view of a service that does not exist.
+    pub fn does_not_exist(revision: u64) -> Self {
+        View {
+            revision,
+            changed_at: Instant::now(),
+            snapshot: None,
+        }
+    }
+
+    /// The protobuf update for this view.
+    pub fn to_update(&self) -> pb::Update {
+        pb::Update {
+            revision: self.revision,
+            kind: Some(match &self.snapshot {
+                Some(s) => pb::update::Kind::Snapshot(s.clone()),
+                None => pb::update::Kind::DoesNotExist(pb::DoesNotExist {}),
+            }),
+        }
+    }
+}
+
+/// A source of views: the operator's index implements it.
+pub trait Discover: Send + Sync + 'static {
+    /// Becomes `true` once the source holds a complete picture (initial lists done). Watches
+    /// are answered only after that, so a restarting control plane never pushes a half-empty
+    /// state to the sidecars.
+    fn ready(&self) -> watch::Receiver<bool>;
+
+    /// Subscribes to one service; the receiver holds its current view at once.
+    fn subscribe(&self, namespace: &str, service: &str) -> watch::Receiver<Arc<View>>;
+
+    /// Called when a watcher of the service goes away (after its receiver is dropped), so the
+    /// source can forget channels nobody watches.
+    fn release(&self, namespace: &str, service: &str);
+}
+
+/// How long a `Watch` waits for the source to become ready before answering `UNAVAILABLE`
+/// (the sidecar then retries with backoff, keeping its last known state).
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+/// The `sagamesh.discovery.v1.Discovery` service.
+pub struct DiscoveryService<D> {
+    source: Arc<D>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<D: Discover> DiscoveryService<D> {
+    /// `shutdown` turning `true` ends every open stream cleanly.
+    pub fn new(source: Arc<D>, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Self {
+        DiscoveryService {
+            source,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// The tonic service, ready for `Server::add_service`.
+    pub fn into_server(self) -> pb::discovery_server::DiscoveryServer<Self> {
+        pb::discovery_server::DiscoveryServer::new(self)
+    }
+}
+
+/// Kubernetes object names: a namespace is a DNS label (63), a service name too.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Keeps the watcher gauge right and tells the source when a watcher goes away.
+struct WatchGuard<D: Discover> {
+    source: Arc<D>,
+    metrics: Arc<Metrics>,
+    namespace: String,
+    service: String,
+}
+
+impl<D: Discover> Drop for WatchGuard<D> {
+    fn drop(&mut self) {
+        self.metrics.watchers.dec();
+        self.source.release(&self.namespace, &self.service);
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::Update, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<D: Discover> pb::discovery_server::Discovery for DiscoveryService<D> {
+    type WatchStream = UpdateStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        if !valid_name(&req.namespace) || !valid_name(&req.service) {
+            return Err(Status::invalid_argument(
+                "namespace and service must be Kubernetes object names (DNS labels)",
+            ));
+        }
+        let mut ready = self.source.ready();
+        match tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(Status::unavailable("control plane is shutting down")),
+            Err(_) => {
+                return Err(Status::unavailable(
+                    "control plane has not finished its initial sync",
+                ));
+            }
+        }
+        tracing::debug!(namespace = %req.namespace, service = %req.service, caller = %req.caller, "watch opened");
+
+        let rx = self.source.subscribe(&req.namespace, &req.service);
+        self.metrics.watchers.inc();
+        // The guard lives in the stream's closure: it drops (after the receiver, which
+        // `WatchStream` owns and drops first) when the client goes away or the server stops.
+        let guard = WatchGuard {
+            source: self.source.clone(),
+            metrics: self.metrics.clone(),
+            namespace: req.namespace,
+            service: req.service,
+        };
+        let metrics = self.metrics.clone();
+        let mut first = true;
+        let mut shutdown = self.shutdown.clone();
+        let stopped = async move {
+            // A closed sender also means shutdown.
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        let stream = WatchStream::new(rx)
+            .map(move |view: Arc<View>| {
+                let _keep = &guard;
+                if first {
+                    first = false;
+                } else {
+                    metrics
+                        .push_latency
+                        .observe(view.changed_at.elapsed().as_secs_f64());
+                }
+                metrics.updates_sent.inc();
+                Ok(view.to_update())
+            })
+            .take_until(stopped);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Serves the discovery API on `listener` until `shutdown` turns `true`.
+pub async fn serve<D: Discover>(
+    listener: tokio::net::TcpListener,
+    service: DiscoveryService<D>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+    use pb::discovery_server::Discovery as _;
+    use std::collections::HashMap;
+
+    /// A source with one settable view per service.
+    struct Fake {
+        ready: watch::Sender<bool>,
+        views: Mutex<HashMap<String, watch::Sender<Arc<View>>>>,
+        released: Mutex<Vec<String>>,
+    }
+
+    impl Fake {
+        fn new() -> Arc<Self> {
+            Arc::new(Fake {
+                ready: watch::channel(true).0,
+                views: Mutex::new(HashMap::new()),
+                released: Mutex::new(Vec::new()),
+            })
+        }
+        fn set(&self, service: &str, view: View) {
+            let mut views = self.views.lock();
+            let tx = views
+                .entry(service.to_string())
+                .or_insert_with(|| watch::channel(Arc::new(View::does_not_exist(0))).0);
+            tx.send_replace(Arc::new(view));
+        }
+    }
+
+    impl Discover for Fake {
+        fn ready(&self) -> watch::Receiver<bool> {
+            self.ready.subscribe()
+        }
+        fn subscribe(&self, _ns: &str, service: &str) -> watch::Receiver<Arc<View>> {
+            let mut views = self.views.lock();
+            views
+                .entry(service.to_string())
+                .or_insert_with(|| watch::channel(Arc::new(View::does_not_exist(1))).0)
+                .subscribe()
+        }
+        fn release(&self, _ns: &str, service: &str) {
+            self.released.lock().push(service.to_string());
+        }
+    }
+
+    fn snapshot(addresses: &[&str]) -> pb::Snapshot {
+        pb::Snapshot {
+            namespace: "ns".into(),
+            service: "orders".into(),
+            endpoints: addresses
+                .iter()
+                .map(|a| pb::Endpoint {
+                    address: (*a).into(),
+                    port: 80,
+                    ready: true,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn request(service: &str) -> Request<pb::WatchRequest> {
+        Request::new(pb::WatchRequest {
+            namespace: "ns".into(),
+            service: service.into(),
+            caller: "test".into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn sends_current_state_then_latest_change_coalesced() {
+        let fake = Fake::new();
+        let metrics = Arc::new(Metrics::default());
+        let (_stop_tx, stop) = watch::channel(false);
+        let svc = DiscoveryService::new(fake.clone(), metrics.clone(), stop);
+        let mut stream = svc
+            .watch(request("orders"))
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = stream.next().await.expect("first").expect("ok");
+        assert_eq!(first.revision, 1);
+        assert!(matches!(
+            first.kind,
+            Some(pb::update::Kind::DoesNotExist(_))
+        ));
+        // Three changes while the watcher is not reading: it gets only the last one.
+        for (rev, addrs) in [
+            (2, vec!["10.0.0.1"]),
+            (3, vec!["10.0.0.2"]),
+            (4, vec!["10.0.0.3"]),
+        ] {
+            fake.set(
+                "orders",
+                View {
+                    revision: rev,
+                    changed_at: Instant::now(),
+                    snapshot: Some(snapshot(&addrs)),
+                },
+            );
+        }
+        let next = stream.next().await.expect("next").expect("ok");
+        assert_eq!(next.revision, 4);
+        let Some(pb::update::Kind::Snapshot(s)) = next.kind else {
+            panic!("expected a snapshot");
+        };
+        assert_eq!(s.endpoints[0].address, "10.0.0.3");
+        assert_eq!(metrics.watchers.get(), 1);
+        drop(stream);
+        assert_eq!(metrics.watchers.get(), 0);
+        assert_eq!(fake.released.lock().as_slice(), ["orders".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_names() {
+        let fake = Fake::new();
+        let (_stop_tx, stop) = watch::channel(false);
+        let svc = DiscoveryService::new(fake, Arc::new(Metrics::default()), stop);
+        for bad in ["", "Orders", "a/b", "-x", &"x".repeat(64)] {
+            let err = svc.watch(request(bad)).await.err().expect("refused");
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_end_on_shutdown() {
+        let fake = Fake::new();
+        let (stop_tx, stop) = watch::channel(false);
+        let svc = DiscoveryService::new(fake, Arc::new(Metrics::default()), stop);
+        let mut stream = svc
+            .watch(request("orders"))
+            .await
+            .expect("watch")
+            .into_inner();
+        assert!(stream.next().await.is_some());
+        stop_tx.send_replace(true);
+        let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("ends in time");
+        assert!(end.is_none());
+    }
+}

@@ -1,0 +1,18 @@
+//! The Sagamesh control plane.
+//!
+//! - [`index`]: one in-memory index of ServiceRegistrations, Pods, Services and EndpointSlices,
+//!   fed by watches and shared by everything else.
+//! - [`reconcile`]: ServiceRegistration status (counts, conditions, Events), leader only.
+//! - [`discovery`]: the discovery gRPC server; knows nothing of Kubernetes.
+//! - [`leader`]: leader election on a Lease; the saga engine runs only on the leader.
+//! - [`admin`], [`metrics`], [`telemetry`]: `/metrics`, `/healthz`, `/readyz`, logs.
+//! - [`runtime`]: the wiring.
+
+pub mod admin;
+pub mod discovery;
+pub mod index;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod runtime;
+pub mod telemetry;

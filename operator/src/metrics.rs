@@ -1,0 +1,161 @@
+//! Prometheus metrics of the operator, served on the admin port's `/metrics`. Every name starts
+//! with `sagamesh_operator_`; every label value comes from a fixed set (no unbounded series).
+
+use std::time::Instant;
+
+use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::metrics::{
+    counter::Counter,
+    family::Family,
+    gauge::Gauge,
+    histogram::{Histogram, exponential_buckets},
+};
+use prometheus_client::registry::Registry;
+
+/// The label of a reconcile error: one fixed value per error kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: &'static str,
+}
+
+/// Every metric of the operator, and the registry that encodes them.
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub status_writes: Counter,
+    pub events_published: Counter,
+    pub watchers: Gauge,
+    pub updates_sent: Counter,
+    pub push_latency: Histogram,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sagamesh_operator");
+        let reconciles = Counter::default();
+        registry.register(
+            "reconciles",
+            "ServiceRegistration reconciles run",
+            reconciles.clone(),
+        );
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "ServiceRegistration reconciles that failed, by error kind",
+            reconcile_errors.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            reconcile_duration.clone(),
+        );
+        let status_writes = Counter::default();
+        registry.register(
+            "status_writes",
+            "ServiceRegistration status patches sent (only when the status changed)",
+            status_writes.clone(),
+        );
+        let events_published = Counter::default();
+        registry.register(
+            "events_published",
+            "Kubernetes Events published on condition transitions",
+            events_published.clone(),
+        );
+        let watchers = Gauge::default();
+        registry.register(
+            "discovery_watchers",
+            "Discovery Watch streams open",
+            watchers.clone(),
+        );
+        let updates_sent = Counter::default();
+        registry.register(
+            "discovery_updates",
+            "Discovery updates sent to watchers (coalesced per watcher)",
+            updates_sent.clone(),
+        );
+        let push_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "discovery_push_latency_seconds",
+            "Time from a change in the index to its update leaving for a watcher",
+            push_latency.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            status_writes,
+            events_published,
+            watchers,
+            updates_sent,
+            push_latency,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// Starts timing a reconcile; the duration is recorded when the timer drops.
+    pub fn reconcile_timer(&self) -> ReconcileTimer<'_> {
+        self.reconciles.inc();
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: &self.reconcile_duration,
+        }
+    }
+}
+
+/// Records a reconcile's duration on drop.
+pub struct ReconcileTimer<'a> {
+    start: Instant,
+    histogram: &'a Histogram,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_every_metric_with_the_prefix() {
+        let m = Metrics::default();
+        m.reconcile_errors
+            .get_or_create(&ErrorLabels { error: "kube" })
+            .inc();
+        drop(m.reconcile_timer());
+        let text = m.encode().expect("encode");
+        for name in [
+            "sagamesh_operator_reconciles_total 1",
+            "sagamesh_operator_reconcile_errors_total{error=\"kube\"} 1",
+            "sagamesh_operator_reconcile_duration_seconds_count 1",
+            "sagamesh_operator_status_writes_total 0",
+            "sagamesh_operator_discovery_watchers 0",
+            "sagamesh_operator_discovery_push_latency_seconds_count 0",
+            "sagamesh_operator_leader 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}
