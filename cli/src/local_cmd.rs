@@ -1,0 +1,71 @@
+//! `sagamesh local`: the local control plane, and the embedded sidecar runner.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::Args;
+use sagamesh_local::runner::{LocalControlPlane, LocalOptions};
+use sagamesh_saga::EngineConfig;
+use sagamesh_sidecar::{ClientConfig, Sidecar};
+
+/// Flags of `sagamesh local`.
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    /// Directory of ServiceRegistration (with spec.endpoints) and Saga manifests; watched.
+    #[arg(long, env = "SAGAMESH_MANIFESTS")]
+    pub manifests: PathBuf,
+    /// Directory where saga state is kept (fsynced; survives a kill).
+    #[arg(long, env = "SAGAMESH_STATE", default_value = ".sagamesh/state")]
+    pub state: PathBuf,
+    /// How often the manifest directory is checked for changes.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub poll: Duration,
+    /// Log as JSON lines.
+    #[arg(long, env = "SAGAMESH_LOG_JSON")]
+    pub log_json: bool,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    sagamesh_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs the local control plane until SIGTERM or Ctrl-C.
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    let opts = LocalOptions {
+        manifests: args.manifests.clone(),
+        state: args.state.clone(),
+        poll: args.poll,
+        engine: EngineConfig::default(),
+        client: ClientConfig::default(),
+    };
+    let control_plane = LocalControlPlane::new(opts, Vec::new())
+        .with_context(|| format!("opening the saga store in {}", args.state.display()))?;
+    tracing::info!(manifests = %args.manifests.display(), state = %args.state.display(), "local control plane running");
+    control_plane.run(shutdown_signal()).await;
+    tracing::info!("stopped; sagas in flight resume on the next start");
+    Ok(())
+}
+
+/// Runs a sidecar until SIGTERM or Ctrl-C, then drains.
+pub async fn run_sidecar(config: sagamesh_sidecar::Config) -> anyhow::Result<()> {
+    let sidecar = Sidecar::start(config)
+        .await
+        .context("starting the sidecar")?;
+    shutdown_signal().await;
+    sidecar.shutdown().await;
+    Ok(())
+}
