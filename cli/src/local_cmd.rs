@@ -4,7 +4,16 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
-use sagamesh_local::runner::{LocalControlPlane, LocalOptions};
+use std::sync::Arc;
+
+use sagamesh_local::{
+    discovery::LocalDiscovery,
+    runner::{LocalControlPlane, LocalOptions, RegistrationSink},
+};
+use sagamesh_operator::{
+    discovery::{DiscoveryService, serve},
+    metrics::Metrics,
+};
 use sagamesh_saga::EngineConfig;
 use sagamesh_sidecar::{ClientConfig, Sidecar};
 
@@ -20,6 +29,13 @@ pub struct LocalArgs {
     /// How often the manifest directory is checked for changes.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub poll: Duration,
+    /// Serve the discovery gRPC API (the same one the operator serves) on this address.
+    #[arg(
+        long,
+        env = "SAGAMESH_DISCOVERY_LISTEN",
+        default_value = "127.0.0.1:8090"
+    )]
+    pub discovery_addr: std::net::SocketAddr,
     /// Log as JSON lines.
     #[arg(long, env = "SAGAMESH_LOG_JSON")]
     pub log_json: bool,
@@ -52,10 +68,24 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         engine: EngineConfig::default(),
         client: ClientConfig::default(),
     };
-    let control_plane = LocalControlPlane::new(opts, Vec::new())
-        .with_context(|| format!("opening the saga store in {}", args.state.display()))?;
-    tracing::info!(manifests = %args.manifests.display(), state = %args.state.display(), "local control plane running");
+    let discovery = LocalDiscovery::new();
+    let control_plane =
+        LocalControlPlane::new(opts, vec![discovery.clone() as Arc<dyn RegistrationSink>])
+            .with_context(|| format!("opening the saga store in {}", args.state.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.discovery_addr)
+        .await
+        .with_context(|| format!("listening for discovery on {}", args.discovery_addr))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let service = DiscoveryService::new(discovery, Arc::new(Metrics::default()), stop_rx.clone());
+    let server = tokio::spawn(serve(listener, service, stop_rx));
+    tracing::info!(manifests = %args.manifests.display(), state = %args.state.display(), discovery = %args.discovery_addr, "local control plane running");
     control_plane.run(shutdown_signal()).await;
+    let _ = stop_tx.send(true);
+    match server.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "discovery server stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "discovery server task failed"),
+        Ok(Ok(())) => {}
+    }
     tracing::info!("stopped; sagas in flight resume on the next start");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Sagamesh local mode: the same resources without a cluster. Manifests come from a directory
 //! and are checked as the API server would check them ([`manifest`]).
 
+pub mod discovery;
 pub mod manifest;
 pub mod runner;

@@ -56,6 +56,8 @@ type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
 pub trait RegistrationSink: Send + Sync + 'static {
     fn set(&self, namespace: &str, name: &str, snapshot: sagamesh_api::discovery::Snapshot);
     fn remove(&self, namespace: &str, name: &str);
+    /// Called after every load of the directory (the first one makes the source ready).
+    fn loaded(&self) {}
 }
 
 /// The local control plane.
@@ -243,6 +245,9 @@ impl LocalControlPlane {
             }
         }
         *registered = now;
+        for sink in &self.sinks {
+            sink.loaded();
+        }
         errors
     }
 

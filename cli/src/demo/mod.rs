@@ -16,7 +16,7 @@ mod report;
 mod traffic;
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -195,18 +195,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "starting the control plane, {} service instances with sidecars, and a client sidecar ... ",
         instances.len()
     );
+    let discovery_port = free_port()?;
     procs.spawn(
         "control-plane",
         &[
-            "local",
-            "--manifests",
-            &manifests.to_string_lossy(),
-            "--state",
-            &dir.join("state").to_string_lossy(),
-            "--poll",
-            "200ms",
+            "local".to_string(),
+            "--manifests".into(),
+            manifests.to_string_lossy().into_owned(),
+            "--state".into(),
+            dir.join("state").to_string_lossy().into_owned(),
+            "--poll".into(),
+            "200ms".into(),
+            "--discovery-addr".into(),
+            format!("127.0.0.1:{discovery_port}"),
         ],
     )?;
+    let discovery = format!("http://127.0.0.1:{discovery_port}");
     for instance in &instances {
         let mut app = vec![
             "shop-service".to_string(),
@@ -239,14 +243,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             &sidecar_args(
                 &instance.ip,
                 Some(instance.app_port),
-                &manifests,
+                &discovery,
                 &instance.name,
             ),
         )?;
     }
     procs.spawn(
         "client-sidecar",
-        &sidecar_args(CLIENT_IP, None, &manifests, "client"),
+        &sidecar_args(CLIENT_IP, None, &discovery, "client"),
     )?;
     wait_ready(&instances).await?;
     println!("{}", style.green("ready"));
@@ -342,14 +346,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 }
 
-fn sidecar_args(ip: &str, app_port: Option<u16>, manifests: &Path, caller: &str) -> Vec<String> {
+/// A sidecar on `ip`, discovering through the local control plane's gRPC API.
+fn sidecar_args(ip: &str, app_port: Option<u16>, discovery: &str, caller: &str) -> Vec<String> {
     let mut args = vec![
         "sidecar".to_string(),
         format!("--outbound-addr={ip}:4140"),
         format!("--inbound-addr={ip}:4143"),
         format!("--admin-addr={ip}:4191"),
-        format!("--manifests={}", manifests.display()),
-        "--manifest-poll-interval=200ms".into(),
+        format!("--discovery-addr={discovery}"),
         "--namespace=shop".into(),
         format!("--caller={caller}.shop"),
     ];
