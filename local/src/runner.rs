@@ -301,7 +301,7 @@ impl LocalControlPlane {
                 }
             };
             let spec = record.spec.clone().unwrap_or_else(|| saga.spec.clone());
-            self.spawn(namespace, name, record.uid, spec, record.status);
+            let _ = self.spawn(namespace, name, record.uid, spec, record.status);
         }
     }
 
@@ -322,14 +322,17 @@ impl LocalControlPlane {
                 tracing::error!(namespace = %saga.namespace, name = %saga.name, "stored saga has no spec; cannot resume");
                 continue;
             };
-            tracing::info!(namespace = %saga.namespace, name = %saga.name, phase = ?saga.record.status.phase, "resuming saga from the store");
-            self.spawn(
+            let (namespace, name) = (saga.namespace.clone(), saga.name.clone());
+            let phase = saga.record.status.phase;
+            if self.spawn(
                 saga.namespace,
                 saga.name,
                 saga.record.uid,
                 spec,
                 saga.record.status,
-            );
+            ) {
+                tracing::info!(%namespace, %name, ?phase, "resuming saga from the store");
+            }
         }
     }
 
@@ -340,15 +343,15 @@ impl LocalControlPlane {
         uid: String,
         spec: SagaSpec,
         status: sagamesh_api::saga::SagaStatus,
-    ) {
+    ) -> bool {
         if status.phase.is_terminal() {
-            return;
+            return false;
         }
         let key = (namespace.clone(), name.clone());
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         running.retain(|_, task| !task.is_finished());
         if running.contains_key(&key) {
-            return;
+            return false;
         }
         let this = self.clone();
         let task = tokio::spawn(async move {
@@ -376,6 +379,7 @@ impl LocalControlPlane {
             }
         });
         running.insert(key, task);
+        true
     }
 
     /// Sagas by phase, for status output.
