@@ -446,3 +446,81 @@ async fn two_operators_one_holds_the_lease_and_killing_it_hands_the_lease_over()
     })
     .await;
 }
+
+#[tokio::test]
+async fn endpoint_slices_of_a_same_named_service_win_over_pods() {
+    let test = "endpoint_slices_of_a_same_named_service_win_over_pods";
+    let Some(bed) = bed(test).await else { return };
+    let bed2 = bed.clone();
+    bed.with_namespace("op-slices", move |client, ns| async move {
+        use k8s_openapi::api::core::v1::Service;
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let kubeconfig = operator_setup(&bed2, &client, &ns).await?;
+        let operator = Operator::start(&kubeconfig, &ns, "op-a")?;
+        operator.wait_ready().await?;
+        create_sreg(&client, &ns, "orders", "orders").await?;
+        create_pod(&client, &ns, "orders-1", &[("app", "orders")]).await?;
+        set_pod_status(&client, &ns, "orders-1", "127.0.0.1", true).await?;
+        let mut watcher = Watcher::open(operator.discovery, &ns, "orders").await?;
+        watcher
+            .wait_for("the pod", Duration::from_secs(10), |u| {
+                ready_addresses(u) == Some(vec!["127.0.0.1".to_string()])
+            })
+            .await?;
+
+        // A same-named Service (without selector, so the test writes its EndpointSlice; the bed
+        // has no nodes, so the EndpointSlice controller would list no pod endpoints). The API
+        // server refuses loopback addresses in EndpointSlices, so these are documentation
+        // addresses (TEST-NET-1): only data here, no traffic is ever sent to them.
+        let service: Service = serde_json::from_value(json!({
+            "metadata": { "name": "orders" },
+            "spec": { "ports": [{ "name": "http", "port": 80, "targetPort": 9090 }] },
+        }))?;
+        Api::<Service>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &service)
+            .await?;
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": { "name": "orders-1", "labels": { "kubernetes.io/service-name": "orders" } },
+            "addressType": "IPv4",
+            "ports": [{ "name": "http", "port": 9090, "protocol": "TCP" }],
+            "endpoints": [
+                { "addresses": ["192.0.2.5"], "conditions": { "ready": true }, "zone": "zone-a" },
+                { "addresses": ["192.0.2.6"], "conditions": { "ready": true } },
+                { "addresses": ["192.0.2.8"], "conditions": { "ready": false } },
+            ],
+        }))?;
+        Api::<EndpointSlice>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &slice)
+            .await?;
+        let update = watcher
+            .wait_for("the EndpointSlice's endpoints", Duration::from_secs(10), |u| {
+                ready_addresses(u)
+                    == Some(vec!["192.0.2.5".to_string(), "192.0.2.6".to_string()])
+            })
+            .await?;
+        let Some(pb::update::Kind::Snapshot(snapshot)) = &update.kind else {
+            anyhow::bail!("expected a snapshot");
+        };
+        ensure!(snapshot.endpoints.len() == 3, "{:?}", snapshot.endpoints);
+        ensure!(snapshot.endpoints.iter().all(|e| e.port == 9090));
+        wait_status(&client, &ns, "orders", "2/3 from EndpointSlices", |s| {
+            s.ready_endpoints == 2
+                && s.total_endpoints == 3
+                && condition(s, "Ready") == Some(("True", "EndpointsReady"))
+        })
+        .await?;
+
+        // The Service goes: back to the pods.
+        Api::<Service>::namespaced(client.clone(), &ns)
+            .delete("orders", &DeleteParams::default())
+            .await?;
+        watcher
+            .wait_for("the pod again", Duration::from_secs(10), |u| {
+                ready_addresses(u) == Some(vec!["127.0.0.1".to_string()])
+            })
+            .await?;
+        operator.ensure_never_forbidden()?;
+        Ok(())
+    })
+    .await;
+}
