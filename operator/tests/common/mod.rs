@@ -200,6 +200,17 @@ impl Operator {
     pub fn start(kubeconfig: &Path, ns: &str, identity: &str) -> anyhow::Result<Self> {
         let discovery = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        Self::start_on(kubeconfig, ns, identity, discovery, admin)
+    }
+
+    /// Like [`Operator::start`], on given addresses (a restarted operator keeps its address).
+    pub fn start_on(
+        kubeconfig: &Path,
+        ns: &str,
+        identity: &str,
+        discovery: SocketAddr,
+        admin: SocketAddr,
+    ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("sagamesh-operator-{ns}-{identity}.log"));
         let out = std::fs::File::create(&log)?;
         let child = Command::new(env!("CARGO_BIN_EXE_sagamesh-operator"))
