@@ -6,6 +6,8 @@
 //! - [`discovery`]: the discovery gRPC server; knows nothing of Kubernetes.
 //! - [`leader`]: leader election on a Lease; the saga engine runs only on the leader.
 //! - [`admin`], [`metrics`], [`telemetry`]: `/metrics`, `/healthz`, `/readyz`, logs.
+//! - [`sagas`]: the saga controller (leader only), calling services through the sidecar's client.
+//! - [`webhook`]: the sidecar-injection webhook and its certificate.
 //! - [`runtime`]: the wiring.
 
 pub mod admin;
@@ -15,4 +17,6 @@ pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod runtime;
+pub mod sagas;
 pub mod telemetry;
+pub mod webhook;

@@ -6,9 +6,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use sagamesh_injector::mutate::InjectConfig;
 use sagamesh_operator::leader::LeaseConfig;
 use sagamesh_operator::runtime::{self, Settings};
 use sagamesh_operator::telemetry::{self, LogFormat};
+use sagamesh_operator::webhook::{CertSource, WebhookSettings};
 
 fn duration(s: &str) -> Result<Duration, String> {
     sagamesh_api::duration::parse(s).map_err(|e| e.to_string())
@@ -67,6 +69,135 @@ struct Args {
     /// Log format.
     #[arg(long, env = "SAGAMESH_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+
+    /// Do not run sagas (the Lease holder runs them by default).
+    #[arg(long, env = "SAGAMESH_NO_SAGAS")]
+    no_sagas: bool,
+
+    /// Serve the sidecar-injection webhook (HTTPS) on this address; off when unset.
+    #[arg(long, env = "SAGAMESH_WEBHOOK_ADDR")]
+    webhook_addr: Option<SocketAddr>,
+
+    /// The MutatingWebhookConfiguration whose CA bundle the operator keeps current.
+    #[arg(
+        long,
+        env = "SAGAMESH_WEBHOOK_CONFIGURATION",
+        default_value = "sagamesh-injector"
+    )]
+    webhook_configuration: String,
+
+    /// The Secret (in the operator's namespace) holding the webhook's certificate.
+    #[arg(
+        long,
+        env = "SAGAMESH_WEBHOOK_SECRET",
+        default_value = "sagamesh-injector-tls"
+    )]
+    webhook_secret: String,
+
+    /// The webhook's Service name (the certificate is made for its DNS names).
+    #[arg(
+        long,
+        env = "SAGAMESH_WEBHOOK_SERVICE",
+        default_value = "sagamesh-injector"
+    )]
+    webhook_service: String,
+
+    /// `operator` (made and rotated by the operator) or `cert-manager` (files in
+    /// --webhook-cert-dir).
+    #[arg(long, env = "SAGAMESH_WEBHOOK_CERT_SOURCE", default_value = "operator", value_parser = ["operator", "cert-manager"])]
+    webhook_cert_source: String,
+
+    /// Directory of tls.crt / tls.key when the certificate comes from cert-manager.
+    #[arg(
+        long,
+        env = "SAGAMESH_WEBHOOK_CERT_DIR",
+        default_value = "/var/run/sagamesh/webhook-tls"
+    )]
+    webhook_cert_dir: std::path::PathBuf,
+
+    /// Image of the injected sidecar.
+    #[arg(
+        long,
+        env = "SAGAMESH_SIDECAR_IMAGE",
+        default_value = "ghcr.io/sagamesh/sidecar:0.1.0"
+    )]
+    sidecar_image: String,
+
+    /// Pull policy of the injected sidecar.
+    #[arg(
+        long,
+        env = "SAGAMESH_SIDECAR_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    sidecar_image_pull_policy: String,
+
+    /// Resources of the injected sidecar, as JSON (`{"requests":{"cpu":"10m"}}`).
+    #[arg(long, env = "SAGAMESH_SIDECAR_RESOURCES", default_value = "{}")]
+    sidecar_resources: String,
+
+    /// Log format of the injected sidecar (json or plain).
+    #[arg(long, env = "SAGAMESH_SIDECAR_LOG_FORMAT", default_value = "json")]
+    sidecar_log_format: String,
+
+    /// Log filter of the injected sidecar.
+    #[arg(long, env = "SAGAMESH_SIDECAR_LOG_LEVEL", default_value = "info")]
+    sidecar_log_level: String,
+
+    /// The discovery address injected sidecars use (host:port); default: the webhook Service's
+    /// namespace and the discovery port.
+    #[arg(long, env = "SAGAMESH_DISCOVERY_SERVICE")]
+    discovery_service: Option<String>,
+}
+
+fn webhook_settings(args: &Args, namespace: &str) -> anyhow::Result<Option<WebhookSettings>> {
+    let Some(addr) = args.webhook_addr else {
+        return Ok(None);
+    };
+    let resources = serde_json::from_str(&args.sidecar_resources).with_context(|| {
+        format!(
+            "--sidecar-resources is not a resources object: {}",
+            args.sidecar_resources
+        )
+    })?;
+    let service = &args.webhook_service;
+    let cert = if args.webhook_cert_source == "cert-manager" {
+        CertSource::Files(args.webhook_cert_dir.clone())
+    } else {
+        CertSource::Operator {
+            namespace: namespace.to_string(),
+            secret: args.webhook_secret.clone(),
+            dns_names: vec![
+                format!("{service}.{namespace}.svc"),
+                format!("{service}.{namespace}.svc.cluster.local"),
+                format!("{service}.{namespace}"),
+            ],
+        }
+    };
+    let discovery = args.discovery_service.clone().unwrap_or_else(|| {
+        format!(
+            "sagamesh-operator.{namespace}.svc:{}",
+            args.discovery_addr.port()
+        )
+    });
+    // The sidecar's log format is called plain where the chart says text.
+    let log_format = if args.sidecar_log_format == "text" {
+        "plain".to_string()
+    } else {
+        args.sidecar_log_format.clone()
+    };
+    Ok(Some(WebhookSettings {
+        addr,
+        configuration: args.webhook_configuration.clone(),
+        cert,
+        inject: InjectConfig {
+            image: args.sidecar_image.clone(),
+            image_pull_policy: args.sidecar_image_pull_policy.clone(),
+            discovery_addr: format!("http://{discovery}"),
+            resources,
+            log_format,
+            log_level: args.sidecar_log_level.clone(),
+        },
+    }))
 }
 
 async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
@@ -119,13 +250,17 @@ async fn main() -> anyhow::Result<()> {
     let client = client(args.kubeconfig.as_deref()).await?;
     let lease_namespace = args
         .lease_namespace
+        .clone()
         .or_else(|| {
             std::env::var("POD_NAMESPACE")
                 .ok()
                 .filter(|s| !s.is_empty())
         })
         .unwrap_or_else(|| client.default_namespace().to_string());
+    let webhook = webhook_settings(&args, &lease_namespace)?;
     let settings = Settings {
+        sagas: !args.no_sagas,
+        webhook,
         discovery_addr: args.discovery_addr,
         admin_addr: args.admin_addr,
         watch_namespace: args.watch_namespace,

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub updates_sent: Counter,
     pub push_latency: Histogram,
     pub leader: Gauge,
+    /// Saga transitions, call latency and sagas running (`sagamesh_operator_saga_*`).
+    pub saga: sagamesh_saga::kubernetes::SagaMetrics,
 }
 
 impl Default for Metrics {
@@ -89,8 +91,10 @@ impl Default for Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
+        let saga = sagamesh_saga::kubernetes::SagaMetrics::new(&mut registry);
         Metrics {
             registry,
+            saga,
             reconciles,
             reconcile_errors,
             reconcile_duration,

@@ -46,6 +46,10 @@ pub struct Settings {
     pub watch_namespace: Option<String>,
     /// Name of the reporting controller in Events.
     pub controller_name: String,
+    /// Run sagas (on the Lease holder).
+    pub sagas: bool,
+    /// Serve the sidecar-injection webhook.
+    pub webhook: Option<crate::webhook::WebhookSettings>,
 }
 
 /// Why the operator stopped.
@@ -284,6 +288,31 @@ pub async fn run(
             tokio::select! {
                 _ = applied => {}
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => {}
+            }
+        });
+    }
+
+    // Sagas, run by the leader through the mesh client fed from the index.
+    if settings.sagas {
+        let reporter = Reporter {
+            controller: settings.controller_name.clone(),
+            instance: Some(settings.lease.identity.clone()),
+        };
+        tasks.spawn(crate::sagas::run(
+            client.clone(),
+            index.clone(),
+            leader.clone(),
+            reporter,
+            metrics.saga.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // The sidecar-injection webhook (every replica serves it).
+    if let Some(webhook) = settings.webhook.clone() {
+        let (client, shutdown) = (client.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = crate::webhook::run(client, webhook, shutdown).await {
+                tracing::error!(error = %e, "the sidecar-injection webhook stopped");
             }
         });
     }

@@ -51,7 +51,7 @@ struct CallLabels {
     outcome: String,
 }
 
-/// Saga metrics, registered under the `sagamesh_saga` prefix.
+/// Saga metrics, registered under the `saga` prefix of the given registry.
 #[derive(Clone)]
 pub struct SagaMetrics {
     events: Family<KindLabels, Counter>,
@@ -70,7 +70,7 @@ impl SagaMetrics {
             }),
             running: Gauge::default(),
         };
-        let registry = registry.sub_registry_with_prefix("sagamesh_saga");
+        let registry = registry.sub_registry_with_prefix("saga");
         registry.register(
             "events",
             "Saga transitions by kind (SagaSucceeded, SagaCompensated, SagaFailed, ActionFailed, AttemptFailed (a retry follows), CompensationSucceeded, ...)",

@@ -1,0 +1,103 @@
+//! Sagas in the operator: the saga controller (sagamesh-saga), run by the Lease holder, calling
+//! services through the sidecar's own client — fed in-process from the operator's index, so a
+//! saga step reaches exactly the endpoints every sidecar sees.
+
+use std::sync::Arc;
+
+use kube::{Client, runtime::events::Reporter};
+use sagamesh_saga::{
+    EngineConfig,
+    kubernetes::{KubeSagaStore, SagaController, SagaMetrics},
+    mesh::MeshCaller,
+};
+use sagamesh_sidecar::{
+    ClientConfig, MeshClient,
+    discovery::{Discover as SidecarDiscover, Resolution, Watches},
+    metrics::Metrics as SidecarMetrics,
+    name::ServiceKey,
+};
+use tokio::sync::watch;
+
+use crate::discovery::{Discover, View};
+use crate::index::SharedIndex;
+
+fn resolution(view: &View) -> Resolution {
+    match &view.snapshot {
+        Some(snapshot) => Resolution::Snapshot {
+            revision: view.revision,
+            snapshot: Arc::new(snapshot.clone()),
+        },
+        None => Resolution::DoesNotExist {
+            revision: view.revision,
+        },
+    }
+}
+
+/// The index as a sidecar discovery source: one forwarding task per watched service.
+pub struct IndexDiscover {
+    index: SharedIndex,
+    watches: Arc<Watches>,
+}
+
+impl IndexDiscover {
+    pub fn new(index: SharedIndex) -> Arc<Self> {
+        Arc::new(Self {
+            index,
+            watches: Arc::default(),
+        })
+    }
+}
+
+impl SidecarDiscover for IndexDiscover {
+    fn watch(&self, service: &ServiceKey) -> watch::Receiver<Resolution> {
+        let mut source = self.index.subscribe(&service.namespace, &service.name);
+        let initial = resolution(&source.borrow_and_update());
+        let (rx, new) = self.watches.subscribe(service, || initial);
+        if new {
+            let (key, watches) = (service.clone(), self.watches.clone());
+            // The client keeps one receiver per destination for the life of the process, so
+            // the forwarding runs as long as the index does.
+            tokio::spawn(async move {
+                while source.changed().await.is_ok() {
+                    let view = source.borrow_and_update().clone();
+                    watches.set(&key, resolution(&view));
+                }
+            });
+        }
+        rx
+    }
+
+    fn debug_state(&self) -> serde_json::Value {
+        self.watches.to_json()
+    }
+
+    fn is_ready(&self) -> bool {
+        *self.index.ready().borrow()
+    }
+}
+
+/// Runs the saga controller until `shutdown` turns true; sagas run only while `leader` is true.
+pub async fn run(
+    client: Client,
+    index: SharedIndex,
+    leader: watch::Receiver<bool>,
+    reporter: Reporter,
+    metrics: SagaMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let discover = IndexDiscover::new(index);
+    let mesh = MeshClient::new(discover, ClientConfig::default(), SidecarMetrics::new());
+    let controller = SagaController {
+        store: KubeSagaStore::new(client.clone(), reporter, Some(metrics)),
+        client,
+        caller: Arc::new(MeshCaller::new(mesh)),
+        config: EngineConfig::default(),
+        leader,
+        namespace: None,
+    };
+    controller
+        .run(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await;
+}
