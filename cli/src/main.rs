@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
                 config.log_format,
                 sagamesh_sidecar::config::LogFormat::Json
             ));
-            let runtime = config.runtime().context("starting the tokio runtime")?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(local_cmd::run_sidecar(*config))
         }
         command => {
