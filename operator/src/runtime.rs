@@ -304,6 +304,7 @@ pub async fn run(
             leader.clone(),
             reporter,
             metrics.saga.clone(),
+            settings.watch_namespace.clone(),
             shutdown.clone(),
         ));
     }

@@ -77,12 +77,14 @@ impl SidecarDiscover for IndexDiscover {
 }
 
 /// Runs the saga controller until `shutdown` turns true; sagas run only while `leader` is true.
+/// `namespace`: only that namespace's sagas (`--watch-namespace`), else all.
 pub async fn run(
     client: Client,
     index: SharedIndex,
     leader: watch::Receiver<bool>,
     reporter: Reporter,
     metrics: SagaMetrics,
+    namespace: Option<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let discover = IndexDiscover::new(index);
@@ -93,7 +95,7 @@ pub async fn run(
         caller: Arc::new(MeshCaller::new(mesh)),
         config: EngineConfig::default(),
         leader,
-        namespace: None,
+        namespace,
     };
     controller
         .run(async move {
