@@ -51,3 +51,11 @@ fn every_invalid_fixture_is_refused_naming_the_field() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn the_local_examples_are_valid() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/local");
+    let loaded = sagamesh_local::manifest::load_dir(&dir);
+    assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
+    assert_eq!(loaded.manifests.len(), 4, "three registrations and a saga");
+}
