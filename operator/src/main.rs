@@ -102,6 +102,11 @@ struct Args {
     )]
     webhook_service: String,
 
+    /// Further names or IP addresses for the webhook certificate (comma-separated), e.g. when
+    /// the API server reaches the webhook by URL.
+    #[arg(long, env = "SAGAMESH_WEBHOOK_EXTRA_SAN", value_delimiter = ',')]
+    webhook_extra_san: Vec<String>,
+
     /// `operator` (made and rotated by the operator) or `cert-manager` (files in
     /// --webhook-cert-dir).
     #[arg(long, env = "SAGAMESH_WEBHOOK_CERT_SOURCE", default_value = "operator", value_parser = ["operator", "cert-manager"])]
@@ -166,11 +171,14 @@ fn webhook_settings(args: &Args, namespace: &str) -> anyhow::Result<Option<Webho
         CertSource::Operator {
             namespace: namespace.to_string(),
             secret: args.webhook_secret.clone(),
-            dns_names: vec![
+            dns_names: [
                 format!("{service}.{namespace}.svc"),
                 format!("{service}.{namespace}.svc.cluster.local"),
                 format!("{service}.{namespace}"),
-            ],
+            ]
+            .into_iter()
+            .chain(args.webhook_extra_san.iter().cloned())
+            .collect(),
         }
     };
     let discovery = args.discovery_service.clone().unwrap_or_else(|| {
