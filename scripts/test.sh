@@ -34,4 +34,4 @@ trap cleanup EXIT
 eval "$(scripts/testbed.sh env)"
 # A missing bed must fail the integration tests, never skip them.
 export SAGAMESH_REQUIRE_TESTBED=1
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
