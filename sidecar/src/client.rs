@@ -13,12 +13,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::gauge::Gauge;
 use sagamesh_api::discovery as pb;
 use tokio::sync::watch;
@@ -32,11 +31,12 @@ use crate::discovery::{Discover, Resolution};
 use crate::endpoint::{Endpoint, InFlight};
 use crate::error::MeshError;
 use crate::metrics::{
-    AttemptLabels, DestinationLabels, EndpointLabels, Metrics, RequestLabels, ServiceLabels,
+    DestinationLabels, DestinationMetrics, EndpointLabels, Metrics, RequestLabels, ServiceLabels,
     status_class,
 };
 use crate::name::{PortRef, ServiceKey, Target};
 use crate::policy::{RetryConfig, ServicePolicy};
+use crate::pool::{PoolConfig, SendError};
 use crate::retry::{self, Outcome};
 
 /// Client settings that are not per-service policy.
@@ -188,6 +188,7 @@ impl DestState {
 
 struct Destination {
     label: String,
+    metrics: DestinationMetrics,
     rx: Mutex<watch::Receiver<Resolution>>,
     state: RwLock<Arc<DestState>>,
     in_flight: Arc<AtomicU32>,
@@ -261,8 +262,7 @@ struct Inner {
     cfg: ClientConfig,
     metrics: Metrics,
     destinations: Mutex<HashMap<ServiceKey, Arc<Destination>>>,
-    h1: Client<HttpConnector, BoxBody>,
-    h2: Client<HttpConnector, BoxBody>,
+    pool: PoolConfig,
 }
 
 /// The mesh client. Cheap to clone; all clones share pools, breakers and budgets.
@@ -271,19 +271,30 @@ pub struct MeshClient {
     inner: Arc<Inner>,
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `proxy-connection` and `keep-alive`),
+/// `transfer-encoding` included.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    PROXY_CONNECTION,
+    KEEP_ALIVE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::TRANSFER_ENCODING,
 ];
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
+/// Runs on every request and response: when none is present (the usual case) it only compares
+/// the names present, without hashing or allocating.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -298,10 +309,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for h in HOP_BY_HOP {
+    for h in &HOP_BY_HOP {
         headers.remove(h);
     }
-    headers.remove(header::TRANSFER_ENCODING);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -328,24 +338,17 @@ fn grpc_status_as_http(headers: &HeaderMap) -> Option<StatusCode> {
 
 impl MeshClient {
     pub fn new(discover: Arc<dyn Discover>, cfg: ClientConfig, metrics: Metrics) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_nodelay(true);
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .http2_only(true)
-            .build(connector);
+        let pool = PoolConfig {
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.pool_idle_timeout,
+        };
         MeshClient {
             inner: Arc::new(Inner {
                 discover,
                 cfg,
                 metrics,
                 destinations: Mutex::new(HashMap::new()),
-                h1,
-                h2,
+                pool,
             }),
         }
     }
@@ -363,6 +366,9 @@ impl MeshClient {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
+        if let Some(d) = map.get(key) {
+            return Some(d.clone());
+        }
         if map.len() >= self.inner.cfg.max_destinations && !map.contains_key(key) {
             return None;
         }
@@ -373,6 +379,11 @@ impl MeshClient {
                 let first = rx.borrow_and_update().clone();
                 Arc::new(Destination {
                     label: key.to_string(),
+                    metrics: DestinationMetrics::new(
+                        &self.inner.metrics,
+                        "outbound",
+                        key.to_string(),
+                    ),
                     rx: Mutex::new(rx),
                     state: RwLock::new(Arc::new(DestState::build(first, None))),
                     in_flight: Arc::new(AtomicU32::new(0)),
@@ -390,36 +401,35 @@ impl MeshClient {
         req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, MeshError> {
         let start = Instant::now();
-        let dest = self.destination(&target.service);
-        let destination = match &dest {
-            Some(d) => d.label.clone(),
-            None => "other".to_string(),
-        };
-        let result = match dest {
-            Some(dest) => self.send_inner(dest, target, req).await,
-            None => Err(MeshError::UnknownService(format!(
+        let Some(dest) = self.destination(&target.service) else {
+            let e = MeshError::UnknownService(format!(
                 "{} (more than {} destinations in use)",
                 target.service, self.inner.cfg.max_destinations
-            ))),
+            ));
+            let m = &self.inner.metrics;
+            m.requests
+                .get_or_create(&RequestLabels {
+                    direction: "outbound".into(),
+                    destination: "other".into(),
+                    status_class: status_class(e.status()),
+                    error: e.code().into(),
+                })
+                .inc();
+            m.latency
+                .get_or_create(&DestinationLabels {
+                    direction: "outbound".into(),
+                    destination: "other".into(),
+                })
+                .observe(start.elapsed().as_secs_f64());
+            return Err(e);
         };
-        let (status, error) = match &result {
-            Ok(r) => (r.status(), ""),
-            Err(e) => (e.status(), e.code()),
-        };
-        let m = &self.inner.metrics;
-        m.requests
-            .get_or_create(&RequestLabels {
-                direction: "outbound".into(),
-                destination: destination.clone(),
-                status_class: status_class(status),
-                error: error.into(),
-            })
-            .inc();
-        m.latency
-            .get_or_create(&DestinationLabels {
-                direction: "outbound".into(),
-                destination,
-            })
+        let result = self.send_inner(dest.clone(), target, req).await;
+        match &result {
+            Ok(r) => dest.metrics.request(r.status(), ""),
+            Err(e) => dest.metrics.request(e.status(), e.code()),
+        }
+        dest.metrics
+            .latency()
             .observe(start.elapsed().as_secs_f64());
         result
     }
@@ -481,15 +491,7 @@ impl MeshClient {
             dest.in_flight.fetch_sub(1, Ordering::Relaxed);
             return Err(MeshError::Overloaded(name.clone()));
         }
-        let gauge = self
-            .inner
-            .metrics
-            .in_flight
-            .get_or_create(&DestinationLabels {
-                direction: "outbound".into(),
-                destination: name.clone(),
-            })
-            .clone();
+        let gauge = dest.metrics.in_flight().clone();
         gauge.inc();
         let dest_guard = DestInFlight {
             counter: dest.in_flight.clone(),
@@ -541,21 +543,26 @@ impl MeshClient {
         let run = self.attempts(
             &mut delivered,
             &state,
-            name,
+            &dest.metrics,
             &candidates,
-            &parts,
+            &mut parts,
             body,
             buffered,
             retry_cfg,
             attempts,
             use_h2,
         );
-        let result = match policy.timeout {
-            Some(t) => match tokio::time::timeout(t, run).await {
-                Ok(r) => r,
-                Err(_) => Err(MeshError::Timeout(name.clone())),
-            },
-            None => run.await,
+        // Pinned where it is: the attempts future is large, and a timeout taking it by value
+        // would copy it on every request.
+        let result = {
+            let mut run = std::pin::pin!(run);
+            match policy.timeout {
+                Some(t) => match tokio::time::timeout(t, run.as_mut()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(MeshError::Timeout(name.clone())),
+                },
+                None => run.await,
+            }
         };
         let result = result.map_err(|e| e.delivered_before(delivered));
         result.map(|(resp, ep_guard)| {
@@ -576,9 +583,9 @@ impl MeshClient {
         &self,
         delivered: &mut bool,
         state: &DestState,
-        name: &str,
+        dest_metrics: &DestinationMetrics,
         candidates: &[usize],
-        parts: &http::request::Parts,
+        parts: &mut http::request::Parts,
         mut body: Option<BoxBody>,
         buffered: Option<Bytes>,
         retry_cfg: Option<&RetryConfig>,
@@ -588,9 +595,7 @@ impl MeshClient {
         let mut tried: Vec<usize> = Vec::new();
         let mut last: Option<Result<(Response<BoxBody>, InFlight), MeshError>> = None;
         let per_try = retry_cfg.and_then(|r| r.per_try_timeout);
-        let labels = ServiceLabels {
-            destination: name.to_string(),
-        };
+        let name = dest_metrics.destination();
         for attempt in 1..=attempts {
             if attempt > 1 {
                 let (Some(cfg), Some((_, budget))) = (retry_cfg, state.budget.as_ref()) else {
@@ -600,7 +605,9 @@ impl MeshClient {
                     self.inner
                         .metrics
                         .budget_exhausted
-                        .get_or_create(&labels)
+                        .get_or_create(&ServiceLabels {
+                            destination: name.to_string(),
+                        })
                         .inc();
                     return match last {
                         Some(Err(e)) => Err(MeshError::BudgetExhausted {
@@ -612,7 +619,7 @@ impl MeshClient {
                         None => Err(MeshError::NoEndpoints(name.to_string())),
                     };
                 }
-                self.inner.metrics.retries.get_or_create(&labels).inc();
+                dest_metrics.retries().inc();
                 tokio::time::sleep(retry::backoff(cfg, attempt - 1, self.inner.cfg.jitter)).await;
             }
             let (idx, probe) = match self.pick(state, name, candidates, &tried, &parts.headers) {
@@ -627,7 +634,13 @@ impl MeshClient {
                 (None, Some(b)) => b,
                 (None, None) => break,
             };
-            let req = build_request(parts, req_body, &ep, use_h2)?;
+            // The last possible attempt takes the headers; earlier ones send a copy.
+            let headers = if attempt == attempts {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
+            let req = build_request(parts, headers, req_body, &ep, use_h2)?;
             let (outcome, result) = self.attempt(&ep, probe, req, per_try, use_h2).await;
             self.record(state, name, idx, probe, outcome);
             // Whether an attempt before the one in `last` may have reached the service.
@@ -661,14 +674,21 @@ impl MeshClient {
                 .lock()
                 .is_ok_and(|b| b.available(now))
         };
-        let mut pool: Vec<usize> = candidates
-            .iter()
-            .copied()
-            .filter(|i| !tried.contains(i) && available(i))
-            .collect();
-        if pool.is_empty() {
-            pool = candidates.iter().copied().filter(available).collect();
-        }
+        // The usual case, a first try with every breaker closed, borrows the candidates.
+        let mut pool: std::borrow::Cow<'_, [usize]> =
+            if tried.is_empty() && candidates.iter().all(available) {
+                std::borrow::Cow::Borrowed(candidates)
+            } else {
+                let mut p: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|i| !tried.contains(i) && available(i))
+                    .collect();
+                if p.is_empty() {
+                    p = candidates.iter().copied().filter(available).collect();
+                }
+                std::borrow::Cow::Owned(p)
+            };
         while !pool.is_empty() {
             let Some(i) = state.balancer.pick(&state.endpoints, &pool, headers) else {
                 break;
@@ -685,7 +705,7 @@ impl MeshClient {
                     self.set_gauge(name, ep, BreakerState::HalfOpen);
                     return Ok((i, true));
                 }
-                Admit::No => pool.retain(|x| *x != i),
+                Admit::No => pool.to_mut().retain(|x| *x != i),
             }
         }
         Err(MeshError::CircuitOpen(name.to_string()))
@@ -706,13 +726,12 @@ impl MeshClient {
             armed: probe,
         };
         let start = Instant::now();
-        let fut = if use_h2 {
-            self.inner.h2.request(req)
-        } else {
-            self.inner.h1.request(req)
-        };
+        let fut = ep
+            .pool
+            .send(&ep.address, ep.port, req, use_h2, &self.inner.pool);
+        let mut fut = std::pin::pin!(fut);
         let res = match per_try {
-            Some(t) => tokio::time::timeout(t, fut).await.ok(),
+            Some(t) => tokio::time::timeout(t, fut.as_mut()).await.ok(),
             None => Some(fut.await),
         };
         let mut probe_guard = probe_guard;
@@ -728,30 +747,25 @@ impl MeshClient {
             Some(Ok(resp)) => {
                 ep.observe_rtt(start.elapsed());
                 let status = grpc_status_as_http(resp.headers()).unwrap_or(resp.status());
-                (
-                    Outcome::Response(status),
-                    Ok((resp.map(body::incoming), in_flight)),
-                )
+                (Outcome::Response(status), Ok((resp, in_flight)))
             }
-            Some(Err(e)) => {
-                let reason = error_chain(&e);
+            Some(Err(SendError::Connect(reason))) => (
+                Outcome::ConnectFailure,
+                Err(MeshError::ConnectFailure {
+                    endpoint: ep.key.clone(),
+                    reason,
+                    maybe_delivered: false,
+                }),
+            ),
+            Some(Err(SendError::Request(e))) => {
                 if let Some(caller) = caller_body_error(&e) {
                     (Outcome::CallerError, Err(caller))
-                } else if e.is_connect() {
-                    (
-                        Outcome::ConnectFailure,
-                        Err(MeshError::ConnectFailure {
-                            endpoint: ep.key.clone(),
-                            reason,
-                            maybe_delivered: false,
-                        }),
-                    )
                 } else {
                     (
                         Outcome::Reset,
                         Err(MeshError::Reset {
                             endpoint: ep.key.clone(),
-                            reason,
+                            reason: error_chain(&e),
                         }),
                     )
                 }
@@ -760,13 +774,8 @@ impl MeshClient {
     }
 
     fn set_gauge(&self, name: &str, ep: &Endpoint, state: BreakerState) {
-        self.inner
-            .metrics
-            .breaker_state
-            .get_or_create(&EndpointLabels {
-                destination: name.to_string(),
-                endpoint: ep.key.clone(),
-            })
+        ep.metrics
+            .breaker_state(&self.inner.metrics, name, &ep.key)
             .set(state.gauge());
     }
 
@@ -776,15 +785,8 @@ impl MeshClient {
         let now = Instant::now();
         let ep = &state.endpoints[idx];
         let failure = outcome.is_failure();
-        self.inner
-            .metrics
-            .attempts
-            .get_or_create(&AttemptLabels {
-                destination: name.to_string(),
-                endpoint: ep.key.clone(),
-                outcome: if failure { "failure" } else { "success" }.into(),
-            })
-            .inc();
+        ep.metrics
+            .attempt(&self.inner.metrics, name, &ep.key, failure);
         let tripped = ep
             .breaker
             .lock()
@@ -927,22 +929,25 @@ fn target_authority(parts: &http::request::Parts, target: &Target) -> String {
 
 fn build_request(
     parts: &http::request::Parts,
+    headers: HeaderMap,
     body: BoxBody,
     ep: &Endpoint,
     use_h2: bool,
 ) -> Result<Request<BoxBody>, MeshError> {
-    let host = if ep.address.contains(':') {
-        format!("[{}]", ep.address)
-    } else {
-        ep.address.clone()
-    };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: Uri = format!("http://{host}:{}{path}", ep.port)
-        .parse()
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority =
+        Some(ep.authority.clone().ok_or_else(|| {
+            MeshError::BadRequest(format!("bad endpoint address {:?}", ep.address))
+        })?);
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(uri)
         .map_err(|e| MeshError::BadRequest(format!("bad request target: {e}")))?;
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
@@ -952,6 +957,6 @@ fn build_request(
     } else {
         Version::HTTP_11
     };
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = headers;
     Ok(req)
 }

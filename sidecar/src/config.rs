@@ -109,6 +109,11 @@ pub struct Config {
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "SAGAMESH_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+
+    /// Threads that serve traffic. 1: a single-threaded runtime (everything on one thread, as
+    /// one HAProxy thread or one Envoy worker); N > 1: N worker threads. Unset: one per CPU.
+    #[arg(long, env = "SAGAMESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 impl Config {
@@ -137,6 +142,23 @@ impl Config {
             otlp_endpoint: None,
             otel_service_name: "sagamesh-sidecar".into(),
             log_format: LogFormat::Plain,
+            worker_threads: None,
+        }
+    }
+
+    /// The tokio runtime `--worker-threads` asks for.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        match self.worker_threads {
+            Some(1) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            Some(n) => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(usize::from(n))
+                .enable_all()
+                .build(),
+            None => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build(),
         }
     }
 }
@@ -166,5 +188,31 @@ mod tests {
                 .is_err()
         );
         assert!(Config::try_parse_from(["x", "--shutdown-grace", "soon"]).is_err());
+    }
+
+    #[test]
+    fn worker_threads_pick_the_runtime() {
+        let c = Config::try_parse_from(["x"]).expect("parse");
+        assert_eq!(c.worker_threads, None);
+        let rt = c.runtime().expect("runtime");
+        assert_eq!(
+            rt.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::MultiThread
+        );
+
+        let c = Config::try_parse_from(["x", "--worker-threads", "1"]).expect("parse");
+        let rt = c.runtime().expect("runtime");
+        assert_eq!(
+            rt.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::CurrentThread
+        );
+        assert_eq!(rt.metrics().num_workers(), 1);
+
+        let c = Config::try_parse_from(["x", "--worker-threads", "3"]).expect("parse");
+        let rt = c.runtime().expect("runtime");
+        assert_eq!(rt.metrics().num_workers(), 3);
+
+        assert!(Config::try_parse_from(["x", "--worker-threads", "0"]).is_err());
+        assert!(Config::try_parse_from(["x", "--worker-threads", "many"]).is_err());
     }
 }

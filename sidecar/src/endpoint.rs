@@ -77,6 +77,9 @@ pub type EndpointKey = String;
 #[derive(Debug)]
 pub struct Endpoint {
     pub key: EndpointKey,
+    /// `address:port` (IPv6 in brackets) as a URI authority, parsed once; `None` when the
+    /// address is not a valid host (requests to it then fail as bad requests).
+    pub authority: Option<http::uri::Authority>,
     pub address: String,
     pub port: u16,
     pub weight: u32,
@@ -86,6 +89,10 @@ pub struct Endpoint {
     pub breaker: Mutex<Breaker>,
     /// Smooth weighted round-robin's running weight.
     pub rr_current: AtomicI64,
+    /// This endpoint's metric handles (its destination is fixed: endpoints are per destination).
+    pub metrics: crate::metrics::EndpointMetrics,
+    /// Connections to this endpoint.
+    pub pool: crate::pool::Pool,
 }
 
 impl Endpoint {
@@ -97,8 +104,14 @@ impl Endpoint {
         breaker: BreakerConfig,
     ) -> Self {
         let now = Instant::now();
+        let host = if address.contains(':') {
+            format!("[{address}]")
+        } else {
+            address.clone()
+        };
         Endpoint {
             key: format!("{address}:{port}"),
+            authority: http::uri::Authority::try_from(format!("{host}:{port}")).ok(),
             address,
             port,
             weight: weight.max(1),
@@ -107,6 +120,8 @@ impl Endpoint {
             ewma: Mutex::new(PeakEwma::new(DEFAULT_RTT, DEFAULT_DECAY, now)),
             breaker: Mutex::new(Breaker::new(breaker, now)),
             rr_current: AtomicI64::new(0),
+            metrics: Default::default(),
+            pool: Default::default(),
         }
     }
 

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod name;
 pub mod otlp;
 pub mod policy;
+pub mod pool;
 pub mod proxy;
 pub mod retry;
 pub mod sidecar;

@@ -16,10 +16,14 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     init_logging(config.log_format);
+    let runtime = config.runtime().context("starting the tokio runtime")?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     let sidecar = Sidecar::start(config)
         .await
         .context("starting the sidecar")?;

@@ -2,7 +2,7 @@
 //! direction, a destination (`name.namespace`), an endpoint (`address:port`) of a known
 //! destination, a status class and a fixed error code.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -142,7 +142,176 @@ impl Metrics {
     }
 }
 
+const CLASSES: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: http::StatusCode) -> usize {
+    usize::from(status.as_u16() / 100).min(5)
+}
+
 /// `2xx` for 200 and so on.
 pub fn status_class(status: http::StatusCode) -> String {
-    format!("{}xx", status.as_u16() / 100)
+    CLASSES[class_index(status)].to_string()
+}
+
+/// The metric handles of one destination in one direction, each made on first use and then
+/// reused, so a request builds no label set and hashes nothing to count itself. A series
+/// appears in `/metrics` when first used, as with `get_or_create`.
+pub struct DestinationMetrics {
+    metrics: Metrics,
+    direction: &'static str,
+    destination: String,
+    /// `requests_total` without a mesh error, by status class.
+    answered: [OnceLock<Counter>; 6],
+    latency: OnceLock<Histogram>,
+    in_flight: OnceLock<Gauge>,
+    retries: OnceLock<Counter>,
+}
+
+impl DestinationMetrics {
+    pub fn new(metrics: &Metrics, direction: &'static str, destination: String) -> Self {
+        DestinationMetrics {
+            metrics: metrics.clone(),
+            direction,
+            destination,
+            answered: Default::default(),
+            latency: OnceLock::new(),
+            in_flight: OnceLock::new(),
+            retries: OnceLock::new(),
+        }
+    }
+
+    pub fn destination(&self) -> &str {
+        &self.destination
+    }
+
+    /// Counts a request answered with `status`, and `error` when the mesh made the answer.
+    pub fn request(&self, status: http::StatusCode, error: &str) {
+        let class = class_index(status);
+        if error.is_empty() {
+            self.answered[class]
+                .get_or_init(|| self.request_counter(class, ""))
+                .inc();
+        } else {
+            self.request_counter(class, error).inc();
+        }
+    }
+
+    fn request_counter(&self, class: usize, error: &str) -> Counter {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: self.direction.into(),
+                destination: self.destination.clone(),
+                status_class: CLASSES[class].into(),
+                error: error.into(),
+            })
+            .clone()
+    }
+
+    fn labels(&self) -> DestinationLabels {
+        DestinationLabels {
+            direction: self.direction.into(),
+            destination: self.destination.clone(),
+        }
+    }
+
+    pub fn latency(&self) -> &Histogram {
+        self.latency
+            .get_or_init(|| self.metrics.latency.get_or_create(&self.labels()).clone())
+    }
+
+    pub fn in_flight(&self) -> &Gauge {
+        self.in_flight
+            .get_or_init(|| self.metrics.in_flight.get_or_create(&self.labels()).clone())
+    }
+
+    pub fn retries(&self) -> &Counter {
+        self.retries.get_or_init(|| {
+            self.metrics
+                .retries
+                .get_or_create(&ServiceLabels {
+                    destination: self.destination.clone(),
+                })
+                .clone()
+        })
+    }
+}
+
+/// The metric handles of one endpoint of a destination, made on first use.
+#[derive(Debug, Default)]
+pub struct EndpointMetrics {
+    success: OnceLock<Counter>,
+    failure: OnceLock<Counter>,
+    breaker_state: OnceLock<Gauge>,
+}
+
+impl EndpointMetrics {
+    /// Counts an attempt by its outcome as the breaker sees it.
+    pub fn attempt(&self, metrics: &Metrics, destination: &str, endpoint: &str, failure: bool) {
+        let (cell, outcome) = if failure {
+            (&self.failure, "failure")
+        } else {
+            (&self.success, "success")
+        };
+        cell.get_or_init(|| {
+            metrics
+                .attempts
+                .get_or_create(&AttemptLabels {
+                    destination: destination.to_string(),
+                    endpoint: endpoint.to_string(),
+                    outcome: outcome.into(),
+                })
+                .clone()
+        })
+        .inc();
+    }
+
+    /// The `endpoint_breaker_state` gauge.
+    pub fn breaker_state(&self, metrics: &Metrics, destination: &str, endpoint: &str) -> &Gauge {
+        self.breaker_state.get_or_init(|| {
+            metrics
+                .breaker_state
+                .get_or_create(&EndpointLabels {
+                    destination: destination.to_string(),
+                    endpoint: endpoint.to_string(),
+                })
+                .clone()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_handles_count_in_the_registry() {
+        let m = Metrics::new();
+        let d = DestinationMetrics::new(&m, "outbound", "web.default".into());
+        d.request(http::StatusCode::OK, "");
+        d.request(http::StatusCode::OK, "");
+        d.request(http::StatusCode::SERVICE_UNAVAILABLE, "no-endpoints");
+        d.latency().observe(0.002);
+        d.in_flight().inc();
+        d.retries().inc();
+        let e = EndpointMetrics::default();
+        e.attempt(&m, "web.default", "10.0.0.1:80", false);
+        e.breaker_state(&m, "web.default", "10.0.0.1:80").set(2);
+        let text = m.encode();
+        for line in [
+            r#"sagamesh_requests_total{direction="outbound",destination="web.default",status_class="2xx",error=""} 2"#,
+            r#"sagamesh_requests_total{direction="outbound",destination="web.default",status_class="5xx",error="no-endpoints"} 1"#,
+            r#"sagamesh_request_duration_seconds_count{direction="outbound",destination="web.default"} 1"#,
+            r#"sagamesh_requests_in_flight{direction="outbound",destination="web.default"} 1"#,
+            r#"sagamesh_retries_total{destination="web.default"} 1"#,
+            r#"sagamesh_endpoint_attempts_total{destination="web.default",endpoint="10.0.0.1:80",outcome="success"} 1"#,
+            r#"sagamesh_endpoint_breaker_state{destination="web.default",endpoint="10.0.0.1:80"} 2"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        // Unused handles make no series.
+        assert!(!text.contains(r#"outcome="failure""#), "{text}");
+        assert!(!text.contains(r#"status_class="4xx""#), "{text}");
+        assert_eq!(status_class(http::StatusCode::NOT_FOUND), "4xx");
+    }
 }

@@ -84,16 +84,25 @@ pub fn parse_authority(
     if port == Some(0) {
         return Err(err());
     }
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let suffix = format!(".svc.{}", cluster_domain.trim_matches('.'));
+    // Runs on every request: allocate only for the names that are kept (and for upper case).
+    let host = host.trim_end_matches('.');
+    let lower;
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        lower = host.to_ascii_lowercase();
+        lower.as_str()
+    } else {
+        host
+    };
+    let domain = cluster_domain.trim_matches('.');
     let host = host
-        .strip_suffix(&suffix)
+        .strip_suffix(domain)
+        .and_then(|h| h.strip_suffix(".svc."))
         .or_else(|| host.strip_suffix(".svc"))
-        .unwrap_or(&host);
-    let labels: Vec<&str> = host.split('.').collect();
-    let (name, namespace) = match labels.as_slice() {
-        [name] => (*name, default_namespace),
-        [name, ns] => (*name, *ns),
+        .unwrap_or(host);
+    let mut labels = host.split('.');
+    let (name, namespace) = match (labels.next(), labels.next(), labels.next()) {
+        (Some(name), None, _) => (name, default_namespace),
+        (Some(name), Some(ns), None) => (name, ns),
         _ => return Err(err()),
     };
     if !is_label(name) || !is_label(namespace) {

@@ -35,7 +35,7 @@ fn export_span(
     otlp: Option<&OtlpExporter>,
     parent: Option<TraceContext>,
     context: TraceContext,
-    name: String,
+    name: impl FnOnce() -> String,
     kind: SpanKind,
     start: std::time::SystemTime,
     method: &Method,
@@ -59,7 +59,7 @@ fn export_span(
     otlp.export(SpanRecord {
         context,
         parent_span_id: parent.map(|p| p.span_id),
-        name,
+        name: name(),
         kind,
         start,
         end: std::time::SystemTime::now(),
@@ -185,7 +185,10 @@ pub async fn serve<S, F>(
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
                 let svc = service_fn(move |req| {
-                    let fut = handler(req, peer);
+                    // Boxed: a request's future (balancing, retries, the endpoint call) is
+                    // several KiB, and hyper moves it into place and, for HTTP/2, into a task
+                    // per stream; copying it on every request was the top cost of the h2 path.
+                    let fut = Box::pin(handler(req, peer));
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
@@ -286,7 +289,7 @@ impl Outbound {
             self.otlp.as_ref(),
             parent,
             ctx,
-            format!("outbound {}", target.service),
+            || format!("outbound {}", target.service),
             SpanKind::Client,
             started,
             &method,
@@ -341,7 +344,7 @@ impl Inbound {
             self.otlp.as_ref(),
             parent,
             ctx,
-            format!("inbound {}", self.label),
+            || format!("inbound {}", self.label),
             SpanKind::Server,
             started,
             &method,

@@ -40,10 +40,11 @@ impl Outcome {
 pub fn is_retryable(cfg: &RetryConfig, outcome: Outcome) -> bool {
     match outcome {
         Outcome::Response(s) => {
+            // Cheap tests first: most answers are not errors and no codes are listed.
             let code = s.as_u16();
-            cfg.retriable_status_codes.contains(&code)
-                || (cfg.retry_on.contains(&RetryOn::ServerError) && s.is_server_error())
-                || (cfg.retry_on.contains(&RetryOn::GatewayError) && matches!(code, 502..=504))
+            (!cfg.retriable_status_codes.is_empty() && cfg.retriable_status_codes.contains(&code))
+                || (s.is_server_error() && cfg.retry_on.contains(&RetryOn::ServerError))
+                || (matches!(code, 502..=504) && cfg.retry_on.contains(&RetryOn::GatewayError))
         }
         Outcome::ConnectFailure => cfg.retry_on.contains(&RetryOn::ConnectFailure),
         Outcome::Reset => cfg.retry_on.contains(&RetryOn::Reset),

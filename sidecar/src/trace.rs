@@ -1,10 +1,12 @@
 //! W3C Trace Context: accept a caller's `traceparent` (or start a trace) and pass a child on.
 //! Only `traceparent` version 00 is parsed; `tracestate` is passed through untouched.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
 
 pub const TRACEPARENT: &str = "traceparent";
+/// [`TRACEPARENT`] as a header name (no parsing per request).
+pub const TRACEPARENT_HEADER: HeaderName = HeaderName::from_static(TRACEPARENT);
 
 /// A parsed `traceparent`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,9 +31,26 @@ fn hex_decode<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of `bytes` into `out` (twice as long). Runs on every proxied request, so no
+/// formatting machinery and no allocation.
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (b, o) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        o[0] = HEX[usize::from(b >> 4)];
+        o[1] = HEX[usize::from(b & 0x0f)];
+    }
 }
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    // Only ASCII hex digits were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Length of a version-00 `traceparent`: `00-` 32 hex `-` 16 hex `-` 2 hex.
+const TRACEPARENT_LEN: usize = 55;
 
 impl TraceContext {
     /// Parses a `traceparent` value; `None` when invalid (all-zero ids are invalid).
@@ -85,12 +104,28 @@ impl TraceContext {
     }
 
     pub fn to_header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            self.flags
-        )
+        String::from_utf8(self.header_bytes().to_vec()).unwrap_or_default()
+    }
+
+    fn header_bytes(&self) -> [u8; TRACEPARENT_LEN] {
+        let mut b = [b'-'; TRACEPARENT_LEN];
+        b[0] = b'0';
+        b[1] = b'0';
+        hex_into(&self.trace_id, &mut b[3..35]);
+        hex_into(&self.span_id, &mut b[36..52]);
+        hex_into(&[self.flags], &mut b[53..55]);
+        b
+    }
+
+    /// The `traceparent` header value.
+    pub fn to_header_value(&self) -> HeaderValue {
+        match HeaderValue::from_bytes(&self.header_bytes()) {
+            Ok(v) => v,
+            // Unreachable: only hex digits and dashes are written.
+            Err(_) => {
+                HeaderValue::from_static("00-00000000000000000000000000000000-0000000000000000-00")
+            }
+        }
     }
 }
 
@@ -103,16 +138,14 @@ pub fn propagate(headers: &mut HeaderMap) -> TraceContext {
 /// Like [`propagate`], also returning the caller's context when it sent a valid one.
 pub fn propagate_with_parent(headers: &mut HeaderMap) -> (Option<TraceContext>, TraceContext) {
     let parent = headers
-        .get(TRACEPARENT)
+        .get(&TRACEPARENT_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
     let ctx = match parent {
         Some(p) => p.child(),
         None => TraceContext::new_root(),
     };
-    if let Ok(v) = HeaderValue::from_str(&ctx.to_header()) {
-        headers.insert(TRACEPARENT, v);
-    }
+    headers.insert(TRACEPARENT_HEADER, ctx.to_header_value());
     (parent, ctx)
 }
 
@@ -137,6 +170,28 @@ mod tests {
         assert!(!sent.contains("00f067aa0ba902b7"));
         assert!(sent.ends_with("-01"));
         assert_eq!(TraceContext::parse(sent), Some(c));
+    }
+
+    #[test]
+    fn header_is_the_w3c_form() {
+        let c = TraceContext {
+            trace_id: [
+                0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+                0x47, 0x36,
+            ],
+            span_id: [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7],
+            flags: 1,
+        };
+        let h = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(c.to_header(), h);
+        assert_eq!(c.to_header_value(), h);
+        assert_eq!(c.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let d = TraceContext { flags: 0xab, ..c };
+        assert!(d.to_header().ends_with("-ab"));
+        for _ in 0..100 {
+            let r = TraceContext::new_root();
+            assert_eq!(TraceContext::parse(&r.to_header()), Some(r));
+        }
     }
 
     #[test]

@@ -33,6 +33,8 @@ fn help_documents_flags_and_env() {
         "--manifests",
         "--discovery-addr",
         "--shutdown-grace",
+        "--worker-threads",
+        "SAGAMESH_WORKER_THREADS",
     ] {
         assert!(text.contains(needle), "--help lacks {needle}:\n{text}");
     }
@@ -62,6 +64,8 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         .args(["--outbound-addr", &outbound.to_string()])
         .args(["--admin-addr", &admin.to_string()])
         .args(["--shutdown-grace", "10s", "--log-format", "json"])
+        // The single-threaded runtime, as in the benchmark.
+        .args(["--worker-threads", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -1,0 +1,271 @@
+//! Connections to one endpoint: idle HTTP/1.1 connections for reuse, and one shared HTTP/2
+//! connection that carries every h2 request (per-request balancing happens above, across
+//! endpoints).
+//!
+//! Why not hyper-util's pooling `Client`: the profile of the sidecar's hot path showed it as
+//! the largest single cost after the proxy's own fixes — a global pool map hashed with SipHash
+//! on every checkout and return, boxed connect futures raced against checkouts, and, for every
+//! HTTP/1.1 request, a task spawned only to wait until the connection could be pooled again.
+//! Here the pool belongs to the endpoint the balancer already chose, so a checkout is a pop from
+//! a short vector, and an HTTP/1.1 connection goes back to it when its response body ends.
+//! Kept from hyper-util's behaviour: a request that a reused connection could not send (it was
+//! closed meanwhile) is sent again on another connection, idle connections expire, and connect
+//! failures are told apart from failures after sending.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::{self, BodyError, BoxBody};
+
+/// Most idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE: usize = 256;
+
+/// Why a request could not be sent.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made (nothing was sent): the reason.
+    Connect(String),
+    /// The request failed on an open connection.
+    Request(hyper::Error),
+}
+
+/// Connection settings.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolConfig {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+type Idle = Arc<Mutex<Vec<(http1::SendRequest<BoxBody>, Instant)>>>;
+
+/// The connections of one endpoint.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Idle,
+    h2: Mutex<Option<http2::SendRequest<BoxBody>>>,
+    /// Held while an h2 connection is being made, so concurrent requests share it.
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+async fn connect(host: &str, port: u16, cfg: &PoolConfig) -> Result<TcpStream, SendError> {
+    let stream =
+        match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect((host, port))).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(SendError::Connect(format!("tcp connect error: {e}"))),
+            Err(_) => {
+                return Err(SendError::Connect(format!(
+                    "tcp connect timed out after {:?}",
+                    cfg.connect_timeout
+                )));
+            }
+        };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+impl Pool {
+    /// Number of idle HTTP/1.1 connections (for tests and the debug dump).
+    pub fn idle_h1(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    /// Sends `req` to `host:port`: over HTTP/2 when `h2` (the request's URI must then carry
+    /// scheme and authority), else over HTTP/1.1 (origin-form URI, `Host` set by the caller).
+    pub async fn send(
+        &self,
+        host: &str,
+        port: u16,
+        req: Request<BoxBody>,
+        h2: bool,
+        cfg: &PoolConfig,
+    ) -> Result<Response<BoxBody>, SendError> {
+        if h2 {
+            self.send_h2(host, port, req, cfg).await
+        } else {
+            self.send_h1(host, port, req, cfg).await
+        }
+    }
+
+    fn checkout_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<BoxBody>> {
+        let now = Instant::now();
+        let mut idle = lock(&self.idle);
+        while let Some((tx, since)) = idle.pop() {
+            if !tx.is_closed() && now.saturating_duration_since(since) < idle_timeout {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    async fn send_h1(
+        &self,
+        host: &str,
+        port: u16,
+        mut req: Request<BoxBody>,
+        cfg: &PoolConfig,
+    ) -> Result<Response<BoxBody>, SendError> {
+        loop {
+            let (mut tx, reused) = match self.checkout_h1(cfg.idle_timeout) {
+                Some(tx) => (tx, true),
+                None => {
+                    let io = TokioIo::new(connect(host, port, cfg).await?);
+                    let (tx, conn) = http1::Builder::new()
+                        .handshake::<_, BoxBody>(io)
+                        .await
+                        .map_err(|e| SendError::Connect(format!("handshake: {e}")))?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "endpoint connection ended with an error");
+                        }
+                    });
+                    (tx, false)
+                }
+            };
+            // A pooled connection whose last response just ended may need a moment.
+            if reused && tx.ready().await.is_err() {
+                continue;
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    return Ok(resp.map(|b| {
+                        body::boxed(ReturnOnEnd {
+                            inner: b,
+                            tx: Some(tx),
+                            idle: self.idle.clone(),
+                            done: false,
+                        })
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the pooled connection was closed meanwhile. Try another.
+                    Some(m) if reused => req = m,
+                    _ => return Err(SendError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn h2_sender(
+        &self,
+        host: &str,
+        port: u16,
+        cfg: &PoolConfig,
+        fresh: bool,
+    ) -> Result<(http2::SendRequest<BoxBody>, bool), SendError> {
+        if !fresh && let Some(tx) = lock(&self.h2).as_ref().filter(|tx| !tx.is_closed()) {
+            return Ok((tx.clone(), true));
+        }
+        let _connecting = self.h2_connecting.lock().await;
+        if !fresh && let Some(tx) = lock(&self.h2).as_ref().filter(|tx| !tx.is_closed()) {
+            return Ok((tx.clone(), true));
+        }
+        let io = TokioIo::new(connect(host, port, cfg).await?);
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake::<_, BoxBody>(io)
+            .await
+            .map_err(|e| SendError::Connect(format!("h2 handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "endpoint h2 connection ended with an error");
+            }
+        });
+        *lock(&self.h2) = Some(tx.clone());
+        Ok((tx, false))
+    }
+
+    async fn send_h2(
+        &self,
+        host: &str,
+        port: u16,
+        req: Request<BoxBody>,
+        cfg: &PoolConfig,
+    ) -> Result<Response<BoxBody>, SendError> {
+        let (mut tx, reused) = self.h2_sender(host, port, cfg, false).await?;
+        match tx.try_send_request(req).await {
+            Ok(resp) => Ok(resp.map(body::incoming)),
+            Err(mut e) => match e.take_message() {
+                // The shared connection went away before this request was sent: once more on a
+                // new one.
+                Some(m) if reused => {
+                    let (mut tx, _) = self.h2_sender(host, port, cfg, true).await?;
+                    tx.send_request(m)
+                        .await
+                        .map(|r| r.map(body::incoming))
+                        .map_err(SendError::Request)
+                }
+                _ => Err(SendError::Request(e.into_error())),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/1.1 response body that gives its connection back to the endpoint's idle list
+    /// when it was read to the end (a body dropped half-read takes its connection with it).
+    struct ReturnOnEnd {
+        #[pin]
+        inner: Incoming,
+        tx: Option<http1::SendRequest<BoxBody>>,
+        idle: Idle,
+        // The body said it ended (chunked bodies never report is_end_stream).
+        done: bool,
+    }
+
+    impl PinnedDrop for ReturnOnEnd {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if (*this.done || this.inner.is_end_stream())
+                && let Some(tx) = this.tx.take()
+                && !tx.is_closed()
+            {
+                let mut idle = lock(this.idle);
+                if idle.len() < MAX_IDLE {
+                    idle.push((tx, Instant::now()));
+                }
+            }
+        }
+    }
+}
+
+impl Body for ReturnOnEnd {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, BodyError>>> {
+        let this = self.project();
+        let res = this.inner.poll_frame(cx);
+        if matches!(res, Poll::Ready(None)) {
+            *this.done = true;
+        }
+        res.map_err(|e| BodyError(Box::new(e)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
