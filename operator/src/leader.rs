@@ -222,3 +222,52 @@ pub fn spawn(
     });
     (rx, task)
 }
+
+/// `true` while both `a` and `b` are `true` (e.g. "leader" and "index ready"); `false` for good
+/// once either sender is gone.
+pub fn all_true(
+    mut a: watch::Receiver<bool>,
+    mut b: watch::Receiver<bool>,
+) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow_and_update() && *b.borrow_and_update());
+    tokio::spawn(async move {
+        loop {
+            let changed = tokio::select! {
+                r = a.changed() => r,
+                r = b.changed() => r,
+                _ = tx.closed() => return,
+            };
+            let both = changed.is_ok() && *a.borrow_and_update() && *b.borrow_and_update();
+            tx.send_if_modified(|v| std::mem::replace(v, both) != both);
+            if changed.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn all_true_follows_both_inputs() {
+        let (a_tx, a) = watch::channel(true);
+        let (b_tx, b) = watch::channel(false);
+        let mut both = all_true(a, b);
+        assert!(!*both.borrow_and_update());
+        b_tx.send_replace(true);
+        both.changed().await.expect("changed");
+        assert!(*both.borrow_and_update());
+        a_tx.send_replace(false);
+        both.changed().await.expect("changed");
+        assert!(!*both.borrow_and_update());
+        a_tx.send_replace(true);
+        both.changed().await.expect("changed");
+        assert!(*both.borrow_and_update());
+        drop(b_tx);
+        both.changed().await.expect("changed");
+        assert!(!*both.borrow_and_update());
+    }
+}

@@ -301,7 +301,10 @@ pub async fn run(
         tasks.spawn(crate::sagas::run(
             client.clone(),
             index.clone(),
-            leader.clone(),
+            // Sagas run only with a complete index: right after a (re)start the Lease may be
+            // ours again before the first lists are in, and an empty index would answer
+            // DoesNotExist for every service a step calls.
+            leader::all_true(leader.clone(), index.ready()),
             reporter,
             metrics.saga.clone(),
             settings.watch_namespace.clone(),

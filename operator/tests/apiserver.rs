@@ -76,7 +76,7 @@ async fn three_ready_pods_make_a_ready_registration_and_a_not_ready_pod_leaves_w
     let bed2 = bed.clone();
     bed.with_namespace("op-ready", move |client, ns| async move {
         let kubeconfig = operator_setup(&bed2, &client, &ns).await?;
-        let operator = Operator::start(&kubeconfig, &ns, "op-a")?;
+        let operator = Operator::start_steady(&kubeconfig, &ns, "op-a")?;
         operator.wait_ready().await?;
 
         create_sreg(&client, &ns, "orders", "orders").await?;
@@ -187,7 +187,7 @@ async fn deleting_a_registration_empties_its_watchers_and_no_matching_pods_is_re
     let bed2 = bed.clone();
     bed.with_namespace("op-delete", move |client, ns| async move {
         let kubeconfig = operator_setup(&bed2, &client, &ns).await?;
-        let operator = Operator::start(&kubeconfig, &ns, "op-a")?;
+        let operator = Operator::start_steady(&kubeconfig, &ns, "op-a")?;
         operator.wait_ready().await?;
 
         // A registration whose selector matches nothing.
@@ -266,7 +266,7 @@ async fn status_is_not_rewritten_when_nothing_changes() {
     let bed2 = bed.clone();
     bed.with_namespace("op-quiet", move |client, ns| async move {
         let kubeconfig = operator_setup(&bed2, &client, &ns).await?;
-        let operator = Operator::start(&kubeconfig, &ns, "op-a")?;
+        let operator = Operator::start_steady(&kubeconfig, &ns, "op-a")?;
         operator.wait_ready().await?;
         create_sreg(&client, &ns, "orders", "orders").await?;
         for i in 1..=3 {
@@ -456,7 +456,7 @@ async fn endpoint_slices_of_a_same_named_service_win_over_pods() {
         use k8s_openapi::api::core::v1::Service;
         use k8s_openapi::api::discovery::v1::EndpointSlice;
         let kubeconfig = operator_setup(&bed2, &client, &ns).await?;
-        let operator = Operator::start(&kubeconfig, &ns, "op-a")?;
+        let operator = Operator::start_steady(&kubeconfig, &ns, "op-a")?;
         operator.wait_ready().await?;
         create_sreg(&client, &ns, "orders", "orders").await?;
         create_pod(&client, &ns, "orders-1", &[("app", "orders")]).await?;

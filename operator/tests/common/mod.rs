@@ -185,6 +185,12 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// Lease timings `[duration, renew deadline, retry period]` for failover tests: a SIGKILLed
+/// leader is replaced about 3s later.
+pub const SHORT_LEASE: [&str; 3] = ["3s", "2s", "500ms"];
+/// The operator's defaults.
+pub const STEADY_LEASE: [&str; 3] = ["15s", "10s", "2s"];
+
 /// A running `sagamesh-operator` process; SIGKILLed on drop.
 pub struct Operator {
     pub child: Child,
@@ -211,6 +217,26 @@ impl Operator {
         discovery: SocketAddr,
         admin: SocketAddr,
     ) -> anyhow::Result<Self> {
+        Self::start_custom(kubeconfig, ns, identity, discovery, admin, SHORT_LEASE)
+    }
+
+    /// Like [`Operator::start`] with the production lease timings: no test that does not
+    /// exercise failover loses leadership to a slow API server on a busy machine.
+    pub fn start_steady(kubeconfig: &Path, ns: &str, identity: &str) -> anyhow::Result<Self> {
+        let discovery = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        Self::start_custom(kubeconfig, ns, identity, discovery, admin, STEADY_LEASE)
+    }
+
+    /// Starts the operator with lease timings `[duration, renew deadline, retry period]`.
+    pub fn start_custom(
+        kubeconfig: &Path,
+        ns: &str,
+        identity: &str,
+        discovery: SocketAddr,
+        admin: SocketAddr,
+        lease: [&str; 3],
+    ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("sagamesh-operator-{ns}-{identity}.log"));
         let out = std::fs::File::create(&log)?;
         let child = Command::new(env!("CARGO_BIN_EXE_sagamesh-operator"))
@@ -220,8 +246,13 @@ impl Operator {
             .args(["--admin-addr", &admin.to_string()])
             .args(["--watch-namespace", ns, "--lease-namespace", ns])
             .args(["--identity", identity])
-            .args(["--lease-duration", "3s", "--lease-renew-deadline", "2s"])
-            .args(["--lease-retry-period", "500ms"])
+            .args([
+                "--lease-duration",
+                lease[0],
+                "--lease-renew-deadline",
+                lease[1],
+            ])
+            .args(["--lease-retry-period", lease[2]])
             .env("RUST_LOG", "info,sagamesh_operator=debug")
             .env_remove("POD_NAME")
             .env_remove("KUBECONFIG")
