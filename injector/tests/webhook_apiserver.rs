@@ -46,19 +46,8 @@ fn pod(
     }))?)
 }
 
-/// Creates a pod, retrying while the namespace's default ServiceAccount does not exist yet.
 async fn create(client: &Client, ns: &str, pod: &Pod) -> kube::Result<Pod> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let mut tries = 0;
-    loop {
-        match api.create(&PostParams::default(), pod).await {
-            Err(kube::Error::Api(e)) if e.message.contains("serviceaccount") && tries < 50 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            other => return other,
-        }
-    }
+    sagamesh_testing::create_pod(client, ns, pod).await
 }
 
 fn sidecars(pod: &Pod) -> usize {

@@ -217,3 +217,23 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Creates a pod, retrying for a few seconds while the namespace's `default` ServiceAccount
+/// does not exist yet (the test bed's kube-controller-manager makes it just after the namespace).
+pub async fn create_pod(
+    client: &Client,
+    namespace: &str,
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> kube::Result<k8s_openapi::api::core::v1::Pod> {
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let mut tries = 0;
+    loop {
+        match api.create(&PostParams::default(), pod).await {
+            Err(kube::Error::Api(e)) if e.message.contains("serviceaccount") && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
