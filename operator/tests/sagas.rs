@@ -130,9 +130,9 @@ async fn fifty_sagas_survive_ten_operator_kills() {
         let shop = shop(&client, &ns).await?;
         // Calls take a little while, so kills land mid-call too.
         shop.orders
-            .fault("/orders", Fault::Delay(Duration::from_millis(150)));
+            .fault("/orders", Fault::Delay(Duration::from_millis(400)));
         shop.inventory
-            .fault("/reservations", Fault::Delay(Duration::from_millis(150)));
+            .fault("/reservations", Fault::Delay(Duration::from_millis(400)));
         shop.payment.fault("/charges/999", Fault::Always(402));
         let api: Api<Saga> = Api::namespaced(client.clone(), &ns);
         let mut operator = Operator::start(&kubeconfig, &ns, "op-a")?;
