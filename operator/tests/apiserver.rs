@@ -524,3 +524,47 @@ async fn endpoint_slices_of_a_same_named_service_win_over_pods() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn sigterm_ends_watch_streams_releases_the_lease_and_exits_zero() {
+    let test = "sigterm_ends_watch_streams_releases_the_lease";
+    let Some(bed) = bed(test).await else { return };
+    let bed2 = bed.clone();
+    bed.with_namespace("op-sigterm", move |client, ns| async move {
+        let kubeconfig = operator_setup(&bed2, &client, &ns).await?;
+        let mut operator = Operator::start_steady(&kubeconfig, &ns, "op-a")?;
+        operator.wait_ready().await?;
+        eventually("the Lease", Duration::from_secs(20), || async {
+            lease_holder(&client, &ns).await.filter(|h| h == "op-a")
+        })
+        .await?;
+        create_sreg(&client, &ns, "orders", "orders").await?;
+        let mut watcher = Watcher::open(operator.discovery, &ns, "orders").await?;
+
+        // SIGTERM, by PID, to the process this test started.
+        let pid = operator.child.id().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?;
+        ensure!(status.success(), "kill -TERM {pid}");
+        let exited = eventually("the operator to exit", Duration::from_secs(10), || {
+            let polled = operator.child.try_wait();
+            async move { polled.ok().flatten() }
+        })
+        .await?;
+        ensure!(exited.success(), "exit status {exited}: {}", operator.log());
+        // The open Watch stream ended (the sidecar reconnects elsewhere) ...
+        let ended = tokio::time::timeout(Duration::from_secs(5), watcher.latest.changed()).await;
+        ensure!(
+            matches!(ended, Ok(Err(_))),
+            "the Watch stream did not end on shutdown"
+        );
+        // ... and the Lease is free at once, not after its 15s duration.
+        ensure!(
+            lease_holder(&client, &ns).await.is_none(),
+            "the Lease was not released"
+        );
+        Ok(())
+    })
+    .await;
+}
