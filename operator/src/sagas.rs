@@ -87,6 +87,13 @@ pub async fn run(
     namespace: Option<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Validation asks whether each service is registered: answer only from a complete index,
+    // or a saga created while the operator starts would fail on a service not listed yet.
+    let mut ready = index.ready();
+    tokio::select! {
+        r = ready.wait_for(|r| *r) => if r.is_err() { return },
+        _ = shutdown.wait_for(|s| *s) => return,
+    }
     let discover = IndexDiscover::new(index);
     let mesh = MeshClient::new(discover, ClientConfig::default(), SidecarMetrics::new());
     let controller = SagaController {
