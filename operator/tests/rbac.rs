@@ -1,6 +1,7 @@
 //! `deploy/rbac/operator-rbac.yaml` (what the operator is tested with) against the Helm chart's
-//! RBAC rules: every permission the operator needs must be granted by the chart too, or a
-//! `helm install` would give an operator that fails where the tests passed.
+//! RBAC as rendered: the chart grants exactly those rules (plus the webhook's, each limited to
+//! its one object), so a `helm install` gives the operator what the tests proved it needs and
+//! no more.
 
 mod common;
 
@@ -39,43 +40,109 @@ fn grants(rules: &[Value]) -> Vec<(String, String, String, String)> {
     out
 }
 
-fn covered(
-    need: &(String, String, String, String),
-    granted: &[(String, String, String, String)],
-) -> bool {
-    granted.iter().any(|(g, r, v, n)| {
-        g == &need.0 && r == &need.1 && (v == &need.2 || v == "*") && (n.is_empty() || n == &need.3)
-    })
+/// (apiGroup, resource, verb, resourceName or "").
+type Grant = (String, String, String, String);
+
+/// The chart's RBAC as `helm template` renders it (release `sagamesh`, so its names are the ones
+/// deploy/rbac uses): every ClusterRole and Role rule as grants.
+fn chart_grants(extra: &[&str]) -> anyhow::Result<Vec<(&'static str, Vec<Grant>)>> {
+    let root = common::repo_root();
+    let mut args = vec![
+        "template",
+        "sagamesh",
+        "charts/sagamesh",
+        "--namespace",
+        "sagamesh-system",
+        "--show-only",
+        "templates/operator-rbac.yaml",
+    ];
+    args.extend_from_slice(extra);
+    let out = std::process::Command::new(root.join("scripts/helm.sh"))
+        .args(&args)
+        .current_dir(&root)
+        .output()
+        .context("running scripts/helm.sh")?;
+    ensure!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut result = Vec::new();
+    for doc in text.split("\n---") {
+        let doc: Value = match serde_saphyr::from_str(doc) {
+            Ok(doc) => doc,
+            Err(_) => continue,
+        };
+        for kind in ["ClusterRole", "Role"] {
+            if doc["kind"] == kind {
+                let mut g = grants(
+                    doc["rules"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default(),
+                );
+                g.sort();
+                result.push((kind, g));
+            }
+        }
+    }
+    Ok(result)
+}
+
+fn deploy_grants(kind: &str) -> anyhow::Result<Vec<Grant>> {
+    let docs = common::rbac_documents()?;
+    let doc = docs
+        .iter()
+        .find(|d| d["kind"] == kind)
+        .with_context(|| format!("no {kind} in deploy/rbac"))?;
+    let mut g = grants(
+        doc["rules"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default(),
+    );
+    g.sort();
+    Ok(g)
+}
+
+fn grant(group: &str, resource: &str, verb: &str, name: &str) -> Grant {
+    (group.into(), resource.into(), verb.into(), name.into())
 }
 
 #[test]
-fn the_chart_grants_everything_the_operator_is_tested_with() -> anyhow::Result<()> {
-    let docs = common::rbac_documents()?;
-    let chart = common::repo_root().join("charts/sagamesh/files/rbac");
-    let read = |name: &str| -> anyhow::Result<Vec<Value>> {
-        let text = std::fs::read_to_string(chart.join(name))
-            .with_context(|| format!("reading the chart's {name}"))?;
-        serde_saphyr::from_str(&text).with_context(|| format!("parsing the chart's {name}"))
-    };
-    for (kind, chart_file) in [
-        ("ClusterRole", "cluster-rules.yaml"),
-        ("Role", "namespace-rules.yaml"),
-    ] {
-        let ours = docs
-            .iter()
-            .find(|d| d["kind"] == kind)
-            .with_context(|| format!("no {kind} in deploy/rbac"))?;
-        let ours = grants(
-            ours["rules"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default(),
-        );
-        let theirs = grants(&read(chart_file)?);
-        let missing: Vec<_> = ours.iter().filter(|n| !covered(n, &theirs)).collect();
+fn the_chart_grants_exactly_what_the_operator_is_tested_with() -> anyhow::Result<()> {
+    // Without the webhook: the very rules the integration tests run the operator with.
+    for (kind, chart) in chart_grants(&["--set", "webhook.enabled=false"])? {
+        let ours = deploy_grants(kind)?;
         ensure!(
-            missing.is_empty(),
-            "the chart's {chart_file} lacks {missing:?}"
+            chart == ours,
+            "the chart's {kind} differs from deploy/rbac:\nchart: {chart:?}\ndeploy: {ours:?}"
+        );
+    }
+    // With the webhook (the default): plus its configuration's CA bundle and its certificate
+    // Secret, each limited to its one object.
+    for (kind, chart) in chart_grants(&[])? {
+        let mut expected = deploy_grants(kind)?;
+        if kind == "ClusterRole" {
+            for verb in ["get", "patch"] {
+                expected.push(grant(
+                    "admissionregistration.k8s.io",
+                    "mutatingwebhookconfigurations",
+                    verb,
+                    "sagamesh-injector",
+                ));
+            }
+        } else {
+            expected.push(grant("", "secrets", "create", ""));
+            for verb in ["get", "update"] {
+                expected.push(grant("", "secrets", verb, "sagamesh-injector-tls"));
+            }
+        }
+        expected.sort();
+        ensure!(
+            chart == expected,
+            "the chart's {kind} with the webhook:\nchart: {chart:?}\nexpected: {expected:?}"
         );
     }
     Ok(())
