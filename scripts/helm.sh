@@ -7,6 +7,12 @@ HELM_VERSION="${SAGAMESH_HELM_VERSION:-v3.22.0}"
 CACHE_ROOT="${SAGAMESH_CACHE:-$HOME/.cache/sagamesh}"
 BIN="$CACHE_ROOT/tools/helm-$HELM_VERSION/helm"
 if [[ ! -x "$BIN" ]]; then
+  mkdir -p "$(dirname "$BIN")"
+  # One build at a time (tests may call this in parallel on a cold cache).
+  exec 9>"$BIN.lock"
+  flock 9
+fi
+if [[ ! -x "$BIN" ]]; then
   command -v go >/dev/null 2>&1 || { echo "[helm] Go is not installed; install Go >= 1.24 to build helm" >&2; exit 1; }
   echo "[helm] building helm $HELM_VERSION from helm.sh/helm/v3 (once; cached in $(dirname "$BIN"))" >&2
   mkdir -p "$(dirname "$BIN")"

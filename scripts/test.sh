@@ -32,6 +32,8 @@ cleanup() {
 trap cleanup EXIT
 
 eval "$(scripts/testbed.sh env)"
+# helm (built from its Go module once, cached) for the chart tests.
+scripts/helm.sh version >/dev/null
 # A missing bed must fail the integration tests, never skip them.
 export SAGAMESH_REQUIRE_TESTBED=1
 cargo test --workspace --no-fail-fast "$@"
