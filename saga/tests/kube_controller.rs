@@ -61,7 +61,7 @@ fn order(name: &str, amount: f64) -> anyhow::Result<Saga> {
                 { "name": "charge",
                   "action": { "service": "payment", "path": "/charges/{{ input.amount }}" },
                   "compensation": { "service": "payment", "path": "/refunds/{{ input.orderId }}" },
-                  "retry": { "attempts": 2, "backoff": "10ms" } }
+                  "retry": { "attempts": 20, "backoff": "10ms" } }
             ]
         }
     }))?)
@@ -86,6 +86,8 @@ fn start_controller(
         caller,
         config: EngineConfig {
             default_backoff: Duration::from_millis(10),
+            // Every kill of a controller re-sends the call in flight as a new attempt.
+            default_attempts: 20,
             jitter: false,
             ..EngineConfig::default()
         },
@@ -108,7 +110,7 @@ async fn phase_of(api: &Api<Saga>, name: &str) -> Option<SagaPhase> {
 async fn wait_phase(api: &Api<Saga>, name: &str, phase: SagaPhase) -> anyhow::Result<()> {
     eventually(
         &format!("{name} to be {phase:?}"),
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async { (phase_of(api, name).await == Some(phase)).then_some(()) },
     )
     .await
