@@ -7,7 +7,8 @@
 #
 # Prints instructions per request and the top functions (inclusive); the callgrind output file
 # stays in the printed work directory for callgrind_annotate. Needs scripts/bench-proxy.sh to
-# have built the binaries (or CARGO_TARGET_DIR/release/* present) and valgrind + h2load.
+# have built the binaries (or CARGO_TARGET_DIR/release/* present) and valgrind + h2load + curl.
+# SIDECAR_BIN=path profiles another sidecar build (e.g. an older commit's, to compare).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 MODE="${1:-h1}"
@@ -28,7 +29,7 @@ for port in 18081 18082 18083; do
   PIDS+=($!)
 done
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out" \
-  "$T/sagamesh-sidecar" --manifests "$ROOT/bench/config/sidecar.yaml" \
+  "${SIDECAR_BIN:-$T/sagamesh-sidecar}" --manifests "$ROOT/bench/config/sidecar.yaml" \
   --outbound-addr 127.0.0.1:14140 --admin-addr 127.0.0.1:14191 --worker-threads 1 \
   >"$WORK/sidecar.log" 2>&1 &
 SC=$!

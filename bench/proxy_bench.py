@@ -440,8 +440,9 @@ def versions() -> str:
         except Exception as e:  # noqa: BLE001
             return f"unknown ({e})"
 
+    envoy = re.search(r"/(\d+\.\d+\.\d+)/", first([ENVOY, "--version"]))
     return "; ".join([
-        first([ENVOY, "--version"]).replace("envoy  version: ", "Envoy "),
+        f"Envoy {envoy.group(1) if envoy else 'unknown'}",
         first([HAPROXY, "-v"]).split(" - ")[0],
         first([WRK, "--version"]).split(" Copyright")[0],
         first([OHA, "--version"]),

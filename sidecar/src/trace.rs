@@ -117,15 +117,19 @@ impl TraceContext {
         b
     }
 
-    /// The `traceparent` header value.
+    /// The `traceparent` header value. Marked sensitive so HPACK sends it as a literal that is
+    /// never indexed: a value unique to every request would only churn the HTTP/2 dynamic
+    /// table (an insert and an eviction per request) and push out headers that do repeat.
     pub fn to_header_value(&self) -> HeaderValue {
-        match HeaderValue::from_bytes(&self.header_bytes()) {
+        let mut v = match HeaderValue::from_bytes(&self.header_bytes()) {
             Ok(v) => v,
             // Unreachable: only hex digits and dashes are written.
             Err(_) => {
                 HeaderValue::from_static("00-00000000000000000000000000000000-0000000000000000-00")
             }
-        }
+        };
+        v.set_sensitive(true);
+        v
     }
 }
 
