@@ -169,25 +169,18 @@ async fn invalid_manifests_are_refused_naming_the_field() {
         let registrations = invalid_registrations();
         let sagas = invalid_sagas();
         ensure!(registrations.len() + sagas.len() >= 12);
-        for (i, case) in registrations.iter().enumerate() {
+        let cases = registrations
+            .iter()
+            .map(|case| (&sreg, case))
+            .chain(sagas.iter().map(|case| (&saga, case)));
+        for (i, (resource, case)) in cases.enumerate() {
             let mut case_manifest = case.manifest.clone();
             case_manifest["metadata"]["name"] = json!(format!("bad-{i}"));
             let case = Invalid {
                 manifest: case_manifest,
                 ..*case
             };
-            if let Err(e) = assert_refused(&client, &ns, &sreg, &case).await {
-                failures.push(format!("{e:#}"));
-            }
-        }
-        for (i, case) in sagas.iter().enumerate() {
-            let mut case_manifest = case.manifest.clone();
-            case_manifest["metadata"]["name"] = json!(format!("bad-{i}"));
-            let case = Invalid {
-                manifest: case_manifest,
-                ..*case
-            };
-            if let Err(e) = assert_refused(&client, &ns, &saga, &case).await {
+            if let Err(e) = assert_refused(&client, &ns, resource, &case).await {
                 failures.push(format!("{e:#}"));
             }
         }
@@ -200,6 +193,27 @@ async fn invalid_manifests_are_refused_naming_the_field() {
         Ok(())
     })
     .await;
+}
+
+/// `kubectl get KIND -n NS`: the header's and the first row's columns, and the whole output.
+fn kubectl_get(
+    bed: &TestBed,
+    kind: &str,
+    ns: &str,
+) -> anyhow::Result<(Vec<String>, Vec<String>, String)> {
+    let out = bed.kubectl(&["get", kind, "-n", ns])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "kubectl get {kind}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = text
+        .lines()
+        .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>());
+    let header = lines.next().unwrap_or_default();
+    let row = lines.next().unwrap_or_default();
+    Ok((header, row, text))
 }
 
 #[tokio::test]
@@ -233,57 +247,22 @@ async fn kubectl_shows_printer_columns_and_field_docs() {
             )
             .await?;
 
-        let out = kubectl_bed.kubectl(&["get", "sreg", "-n", &ns])?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success(),
-            "kubectl get sreg: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut lines = text.lines();
-        let header: Vec<_> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
+        let (header, row, text) = kubectl_get(&kubectl_bed, "sreg", &ns)?;
         ensure!(
             header == ["NAME", "READY", "TOTAL", "POLICY", "AGE"],
             "sreg columns: {text}"
         );
-        let row: Vec<_> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
         ensure!(
-            row.get(..4) == Some(&["payments", "2", "3", "ConsistentHash"][..]),
+            row.len() >= 4 && row[..4] == ["payments", "2", "3", "ConsistentHash"],
             "sreg row: {text}"
         );
-
-        let out = kubectl_bed.kubectl(&["get", "saga", "-n", &ns])?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success(),
-            "kubectl get saga: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut lines = text.lines();
-        let header: Vec<_> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
+        let (header, row, text) = kubectl_get(&kubectl_bed, "saga", &ns)?;
         ensure!(
             header == ["NAME", "PHASE", "STEP", "AGE"],
             "saga columns: {text}"
         );
-        let row: Vec<_> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
         ensure!(
-            row.get(..3) == Some(&["order-1001", "Running", "reserve-stock"][..]),
+            row.len() >= 3 && row[..3] == ["order-1001", "Running", "reserve-stock"],
             "saga row: {text}"
         );
 

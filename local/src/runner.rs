@@ -9,7 +9,7 @@
 //!   gone: a saga is never dropped.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     future::Future,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -110,16 +110,6 @@ impl LocalControlPlane {
             warned: Mutex::default(),
             fingerprint: Mutex::default(),
         }))
-    }
-
-    /// The in-process discovery table (what the registrations say).
-    pub fn discovery(&self) -> Arc<StaticDiscovery> {
-        self.discovery.clone()
-    }
-
-    /// The client sagas call through (its metrics show per-endpoint traffic).
-    pub fn caller(&self) -> Arc<MeshCaller> {
-        self.caller.clone()
     }
 
     /// The store sagas are kept in.
@@ -380,20 +370,5 @@ impl LocalControlPlane {
         });
         running.insert(key, task);
         true
-    }
-
-    /// Sagas by phase, for status output.
-    pub fn phases(&self) -> BTreeMap<String, String> {
-        self.store
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| {
-                (
-                    format!("{}/{}", s.namespace, s.name),
-                    format!("{:?}", s.record.status.phase),
-                )
-            })
-            .collect()
     }
 }

@@ -12,10 +12,15 @@ use std::{
 
 use sagamesh_api::saga::{SagaPhase, SagaSpec, SagaStatus};
 use sagamesh_saga::{
-    CallOutcome, CallRequest, EngineConfig, Event, SagaRef, SagaStore, ServiceCaller, StoreError,
-    file_store::FileStore, run,
+    EngineConfig, Event, SagaRef, SagaStore, StoreError, file_store::FileStore, run,
 };
-use sagamesh_testing::shop::TestService;
+
+// The tests' direct caller: plain HTTP to the test services (the mesh client's own cost is in
+// the proxy benchmark).
+#[path = "../tests/common/mod.rs"]
+#[allow(unused_imports)] // the re-exported Fault is for the tests
+mod common;
+use common::{DirectCaller as Direct, TestService};
 use serde_json::json;
 
 #[derive(Clone, Default)]
@@ -28,62 +33,6 @@ impl SagaStore for MemoryStore {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .insert(saga.name.clone(), status.clone());
         Ok(())
-    }
-}
-
-/// Plain HTTP to the test services (the mesh client's own cost is in the proxy benchmark).
-#[derive(Clone)]
-struct Direct {
-    addrs: HashMap<String, std::net::SocketAddr>,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
-}
-
-impl ServiceCaller for Direct {
-    async fn call(&self, request: CallRequest) -> CallOutcome {
-        use http_body_util::BodyExt;
-        let Some(addr) = self.addrs.get(&request.service) else {
-            return CallOutcome::NoAnswer {
-                error: "unknown".into(),
-                maybe_delivered: false,
-            };
-        };
-        let mut builder = hyper::Request::builder()
-            .method("POST")
-            .uri(format!("http://{addr}{}", request.path));
-        for (name, value) in &request.headers {
-            builder = builder.header(name, value);
-        }
-        let Ok(req) = builder.body(http_body_util::Full::new(bytes::Bytes::from(
-            request.body.unwrap_or_default(),
-        ))) else {
-            return CallOutcome::NoAnswer {
-                error: "bad request".into(),
-                maybe_delivered: false,
-            };
-        };
-        match self.client.request(req).await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let body = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes().to_vec())
-                    .unwrap_or_default();
-                CallOutcome::Answered { status, body }
-            }
-            Err(e) => CallOutcome::NoAnswer {
-                error: e.to_string(),
-                maybe_delivered: true,
-            },
-        }
-    }
-
-    async fn has_service(&self, _: &str, service: &str) -> bool {
-        self.addrs.contains_key(service)
     }
 }
 
@@ -166,21 +115,15 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let mut addrs = HashMap::new();
     let mut services = Vec::new();
     for name in ["orders", "inventory", "payment"] {
         let Ok(service) = TestService::start(name).await else {
             eprintln!("could not start {name}");
             return;
         };
-        addrs.insert(name.to_string(), service.addr);
         services.push(service);
     }
-    let caller = Direct {
-        addrs,
-        client: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http(),
-    };
+    let caller = Direct::new(&services.iter().collect::<Vec<_>>());
     let dir = std::env::temp_dir().join(format!("sagamesh-saga-bench-{}", std::process::id()));
     let Ok(file_store) = FileStore::open(&dir) else {
         eprintln!("could not open {}", dir.display());

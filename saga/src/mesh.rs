@@ -2,8 +2,6 @@
 //! [`MeshClient`] — the same discovery, balancing, circuit breaking, retry budget and timeouts
 //! every sidecar applies — so a saga step is just another caller of the service.
 
-use std::sync::Arc;
-
 use http_body_util::BodyExt;
 use hyper::{Method, Request};
 use sagamesh_api::saga::HttpMethod;
@@ -101,9 +99,4 @@ impl ServiceCaller for MeshCaller {
             .has_service(&ServiceKey::new(namespace, service))
             .await
     }
-}
-
-/// A shared caller for the engine.
-pub fn mesh_caller(client: MeshClient) -> Arc<MeshCaller> {
-    Arc::new(MeshCaller::new(client))
 }

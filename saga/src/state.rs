@@ -328,6 +328,20 @@ pub fn apply(spec: &SagaSpec, status: &mut SagaStatus, event: &Event, now: Times
     }
 }
 
+/// What a call's record asks for: nothing (done or skipped), its first attempt, the next attempt
+/// (in flight or between attempts: same idempotency key), or a stop (failed for good).
+fn resume(call: Call, record: &CallStatus) -> Option<Next> {
+    match record.phase {
+        CallPhase::Succeeded | CallPhase::Skipped => None,
+        CallPhase::Pending => Some(Next::Send { call, attempt: 1 }),
+        CallPhase::Running => Some(Next::Send {
+            call,
+            attempt: record.attempts + 1,
+        }),
+        CallPhase::Failed => Some(Next::Done(SagaPhase::Failed)),
+    }
+}
+
 /// What to do next, from the status alone.
 pub fn next(spec: &SagaSpec, status: &SagaStatus) -> Next {
     match status.phase {
@@ -335,23 +349,9 @@ pub fn next(spec: &SagaSpec, status: &SagaStatus) -> Next {
         SagaPhase::Pending => Next::Start,
         SagaPhase::Running => {
             for (i, step) in status.steps.iter().enumerate() {
-                match step.action.phase {
-                    CallPhase::Succeeded | CallPhase::Skipped => continue,
-                    CallPhase::Pending => {
-                        return Next::Send {
-                            call: Call::Action(i),
-                            attempt: 1,
-                        };
-                    }
-                    // In flight or between attempts: send the next attempt (same idempotency key).
-                    CallPhase::Running => {
-                        return Next::Send {
-                            call: Call::Action(i),
-                            attempt: step.action.attempts + 1,
-                        };
-                    }
-                    // Not reached: a final failure switches the phase to Compensating.
-                    CallPhase::Failed => return Next::Done(SagaPhase::Failed),
+                // A final failure switches the phase to Compensating, so Failed is not reached.
+                if let Some(next) = resume(Call::Action(i), &step.action) {
+                    return next;
                 }
             }
             if status.steps.len() == spec.steps.len() {
@@ -370,21 +370,8 @@ pub fn next(spec: &SagaSpec, status: &SagaStatus) -> Next {
                 if !took_effect {
                     continue;
                 }
-                match step.compensation.phase {
-                    CallPhase::Succeeded | CallPhase::Skipped => continue,
-                    CallPhase::Pending => {
-                        return Next::Send {
-                            call: Call::Compensation(i),
-                            attempt: 1,
-                        };
-                    }
-                    CallPhase::Running => {
-                        return Next::Send {
-                            call: Call::Compensation(i),
-                            attempt: step.compensation.attempts + 1,
-                        };
-                    }
-                    CallPhase::Failed => return Next::Done(SagaPhase::Failed),
+                if let Some(next) = resume(Call::Compensation(i), &step.compensation) {
+                    return next;
                 }
             }
             Next::Done(SagaPhase::Compensated)
