@@ -758,14 +758,14 @@ impl MeshClient {
                 }),
             ),
             Some(Err(SendError::Request(e))) => {
-                if let Some(caller) = caller_body_error(&e) {
+                if let Some(caller) = caller_body_error(&*e) {
                     (Outcome::CallerError, Err(caller))
                 } else {
                     (
                         Outcome::Reset,
                         Err(MeshError::Reset {
                             endpoint: ep.key.clone(),
-                            reason: error_chain(&e),
+                            reason: error_chain(&*e),
                         }),
                     )
                 }

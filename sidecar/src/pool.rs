@@ -1,6 +1,6 @@
 //! Connections to one endpoint: idle HTTP/1.1 connections for reuse, and one shared HTTP/2
 //! connection that carries every h2 request (per-request balancing happens above, across
-//! endpoints).
+//! endpoints; the HTTP/2 side is in [`crate::h2_upstream`]).
 //!
 //! Why not hyper-util's pooling `Client`: the profile of the sidecar's hot path showed it as
 //! the largest single cost after the proxy's own fixes — a global pool map hashed with SipHash
@@ -20,12 +20,13 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::{self, BodyError, BoxBody};
+use crate::h2_upstream;
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE: usize = 256;
@@ -35,8 +36,9 @@ const MAX_IDLE: usize = 256;
 pub enum SendError {
     /// No connection could be made (nothing was sent): the reason.
     Connect(String),
-    /// The request failed on an open connection.
-    Request(hyper::Error),
+    /// The request failed on an open connection (a hyper or h2 error, or the caller's
+    /// [`BodyError`] when sending its body failed).
+    Request(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Connection settings.
@@ -52,7 +54,7 @@ type Idle = Arc<Mutex<Vec<(http1::SendRequest<BoxBody>, Instant)>>>;
 #[derive(Debug, Default)]
 pub struct Pool {
     idle: Idle,
-    h2: Mutex<Option<http2::SendRequest<BoxBody>>>,
+    h2: Mutex<Option<h2_upstream::Connection>>,
     /// Held while an h2 connection is being made, so concurrent requests share it.
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -156,39 +158,33 @@ impl Pool {
                 Err(mut e) => match e.take_message() {
                     // Never written: the pooled connection was closed meanwhile. Try another.
                     Some(m) if reused => req = m,
-                    _ => return Err(SendError::Request(e.into_error())),
+                    _ => return Err(SendError::Request(Box::new(e.into_error()))),
                 },
             }
         }
     }
 
-    async fn h2_sender(
+    async fn h2_connection(
         &self,
         host: &str,
         port: u16,
         cfg: &PoolConfig,
         fresh: bool,
-    ) -> Result<(http2::SendRequest<BoxBody>, bool), SendError> {
-        if !fresh && let Some(tx) = lock(&self.h2).as_ref().filter(|tx| !tx.is_closed()) {
-            return Ok((tx.clone(), true));
+    ) -> Result<(h2_upstream::Connection, bool), SendError> {
+        let current = |pool: &Self| lock(&pool.h2).as_ref().filter(|c| !c.is_closed()).cloned();
+        if !fresh && let Some(c) = current(self) {
+            return Ok((c, true));
         }
         let _connecting = self.h2_connecting.lock().await;
-        if !fresh && let Some(tx) = lock(&self.h2).as_ref().filter(|tx| !tx.is_closed()) {
-            return Ok((tx.clone(), true));
+        if !fresh && let Some(c) = current(self) {
+            return Ok((c, true));
         }
-        let io = TokioIo::new(connect(host, port, cfg).await?);
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake::<_, BoxBody>(io)
+        let io = connect(host, port, cfg).await?;
+        let conn = h2_upstream::Connection::handshake(io)
             .await
             .map_err(|e| SendError::Connect(format!("h2 handshake: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "endpoint h2 connection ended with an error");
-            }
-        });
-        *lock(&self.h2) = Some(tx.clone());
-        Ok((tx, false))
+        *lock(&self.h2) = Some(conn.clone());
+        Ok((conn, false))
     }
 
     async fn send_h2(
@@ -198,21 +194,20 @@ impl Pool {
         req: Request<BoxBody>,
         cfg: &PoolConfig,
     ) -> Result<Response<BoxBody>, SendError> {
-        let (mut tx, reused) = self.h2_sender(host, port, cfg, false).await?;
-        match tx.try_send_request(req).await {
-            Ok(resp) => Ok(resp.map(body::incoming)),
-            Err(mut e) => match e.take_message() {
-                // The shared connection went away before this request was sent: once more on a
-                // new one.
-                Some(m) if reused => {
-                    let (mut tx, _) = self.h2_sender(host, port, cfg, true).await?;
-                    tx.send_request(m)
-                        .await
-                        .map(|r| r.map(body::incoming))
-                        .map_err(SendError::Request)
-                }
-                _ => Err(SendError::Request(e.into_error())),
-            },
+        let (conn, reused) = self.h2_connection(host, port, cfg, false).await?;
+        let failed = |e: h2_upstream::Error| match e {
+            h2_upstream::Error::NotSent(e, _) => SendError::Request(Box::new(e)),
+            h2_upstream::Error::Failed(e) => SendError::Request(e),
+        };
+        match conn.send(req).await {
+            Ok(resp) => Ok(resp),
+            // The shared connection went away before this request was sent: once more on a
+            // new one (as hyper-util's pool does).
+            Err(h2_upstream::Error::NotSent(_, req)) if reused => {
+                let (conn, _) = self.h2_connection(host, port, cfg, true).await?;
+                conn.send(*req).await.map_err(failed)
+            }
+            Err(e) => Err(failed(e)),
         }
     }
 }
