@@ -183,12 +183,16 @@ pub async fn serve<S, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
+                let handler = Arc::new(handler.clone());
                 let svc = service_fn(move |req| {
                     // Boxed: a request's future (balancing, retries, the endpoint call) is
                     // several KiB, and hyper moves it into place and, for HTTP/2, into a task
                     // per stream; copying it on every request was the top cost of the h2 path.
-                    let fut = Box::pin(handler(req, peer));
+                    // The handler's future is created inside the box on first poll, not built
+                    // on the stack and then copied in.
+                    let handler = handler.clone();
+                    let fut: Pin<Box<dyn Future<Output = Response<BoxBody>> + Send>> =
+                        Box::pin(async move { handler(req, peer).await });
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
