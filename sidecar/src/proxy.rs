@@ -163,6 +163,9 @@ pub async fn serve<S, F>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
+        // One flat buffer per write instead of a writev of head and body pieces: see
+        // `pool::http1_builder`.
+        .writev(false)
         .keep_alive(true);
     builder
         .http2()
