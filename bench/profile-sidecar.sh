@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Instruction counts of the sidecar's hot path, with callgrind (repeatable, unlike timings on a
-# shared VM). Starts the 3 bench backends and the release sidecar (one thread) under
+# shared VM). Starts the 3 bench backends and the sidecar (profile `sidecar`, one thread) under
 # valgrind, warms up, then counts MODE requests only:
 #
 #   bench/profile-sidecar.sh [h1|h2c|grpc] [REQUESTS]   (default: h1 20000)
@@ -14,6 +14,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 MODE="${1:-h1}"
 N="${2:-20000}"
 T="${CARGO_TARGET_DIR:-$ROOT/target/bench}/release"
+S="${CARGO_TARGET_DIR:-$ROOT/target/bench}/sidecar"
 WORK="$(mktemp -d /tmp/sagamesh-profile-XXXXXX)"
 PIDS=()
 cleanup() {
@@ -29,7 +30,7 @@ for port in 18081 18082 18083; do
   PIDS+=($!)
 done
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out" \
-  "${SIDECAR_BIN:-$T/sagamesh-sidecar}" --manifests "$ROOT/bench/config/sidecar.yaml" \
+  "${SIDECAR_BIN:-$S/sagamesh-sidecar}" --manifests "$ROOT/bench/config/sidecar.yaml" \
   --outbound-addr 127.0.0.1:14140 --admin-addr 127.0.0.1:14191 --worker-threads 1 \
   >"$WORK/sidecar.log" 2>&1 &
 SC=$!

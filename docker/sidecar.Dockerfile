@@ -7,8 +7,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p sagamesh-sidecar --bin sagamesh-sidecar \
- && cp target/release/sagamesh-sidecar /sagamesh-sidecar
+    cargo build --profile sidecar --locked -p sagamesh-sidecar --bin sagamesh-sidecar \
+ && cp target/sidecar/sagamesh-sidecar /sagamesh-sidecar
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /sagamesh-sidecar /usr/local/bin/sagamesh-sidecar
