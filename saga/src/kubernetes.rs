@@ -2,14 +2,21 @@
 //! `Controller` runs every non-terminal saga — only while this replica holds the Lease.
 //!
 //! - Writes use `PUT .../status` with the last `resourceVersion` this replica saw, so two
-//!   replicas can never both advance a saga: the loser gets a conflict and stops.
+//!   replicas can never both advance a saga: the loser gets a conflict, reads the saga again
+//!   and stops.
+//! - The controller's cache (its watch) lags behind the store's own writes. A cached copy older
+//!   than the last version this store wrote or read (less [`progress`]) starts nothing: the
+//!   watch brings the newer version, which is reconciled then. Without this, each late event
+//!   after a saga finished started a run from an outdated status whose first write was refused.
+//!   What the store remembers is an optimisation only (bounded by the sagas that exist; a new
+//!   process starts empty): the status in the API server is the only truth.
 //! - A finalizer keeps a running saga from disappearing mid-flight: deleting it lets it reach a
 //!   terminal phase (compensating if a step fails) before the object goes.
 //! - Events mark the transitions a person cares about; metrics count them.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -34,11 +41,21 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     engine::{self, EngineConfig, SagaRef, SagaStore, ServiceCaller, StoreError},
-    state::{Call, Event},
+    state::{Call, Event, progress},
 };
 
 /// Finalizer that keeps a running saga until it is terminal.
 pub const FINALIZER: &str = "sagamesh.io/saga";
+
+/// How long a cached copy older than what the store knows is left to the watch to replace
+/// before the controller reads the saga from the API server itself.
+const STALE_PATIENCE: Duration = Duration::from_secs(30);
+/// When a saga whose cached copy is outdated is looked at again (the watch event bringing the
+/// newer version normally comes first).
+const STALE_RECHECK: Duration = Duration::from_secs(5);
+/// How often the store forgets sagas that no longer exist (deleted without this replica
+/// releasing their finalizer).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
@@ -119,15 +136,41 @@ fn event_kind(event: &Event) -> &'static str {
 /// (namespace, saga, call) of a call in flight, for its latency.
 type CallKey = (String, String, String);
 
+/// What the store keeps about one saga (by uid).
+#[derive(Default)]
+struct Tracked {
+    /// The run in progress (see [`KubeSagaStore::remember`]).
+    run: u64,
+    /// The object the run's next write is based on: its `resourceVersion` guards the write.
+    /// `None` between runs.
+    base: Option<Saga>,
+    /// [`progress`] of the newest version this store knows the API server holds (the answer
+    /// to its last successful write, or what it read after a conflict), and when it learned it.
+    newest: Option<(u64, Instant)>,
+}
+
+#[derive(Default)]
+struct Tracking {
+    sagas: HashMap<String, Tracked>,
+    runs: u64,
+}
+
+/// Whether a cached copy of a saga can be acted on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    /// As new as anything this store knows of.
+    Current,
+    /// Older than a version this store wrote or read `known_for` ago.
+    Outdated { known_for: Duration },
+}
+
 /// The status subresource as a [`SagaStore`].
 #[derive(Clone)]
 pub struct KubeSagaStore {
     client: Client,
     recorder: Recorder,
     metrics: Option<SagaMetrics>,
-    /// The last object this replica read or wrote, per saga: its `resourceVersion` guards the
-    /// next write.
-    objects: Arc<Mutex<HashMap<(String, String), Saga>>>,
+    tracking: Arc<Mutex<Tracking>>,
     call_started: Arc<Mutex<HashMap<CallKey, Instant>>>,
 }
 
@@ -137,29 +180,80 @@ impl KubeSagaStore {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
-            objects: Arc::default(),
+            tracking: Arc::default(),
             call_started: Arc::default(),
         }
     }
 
-    fn key(namespace: &str, name: &str) -> (String, String) {
-        (namespace.to_string(), name.to_string())
+    fn tracking(&self) -> MutexGuard<'_, Tracking> {
+        self.tracking.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts tracking `saga` as the base of the next write.
-    pub fn remember(&self, saga: &Saga) {
-        let key = Self::key(&saga.namespace().unwrap_or_default(), &saga.name_any());
-        self.objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, saga.clone());
+    /// Starts a run of `saga` from this copy: it is the base of the run's first write. Returns
+    /// the run's number (for [`Self::end_run`]).
+    pub fn remember(&self, saga: &Saga) -> u64 {
+        let mut tracking = self.tracking();
+        tracking.runs += 1;
+        let run = tracking.runs;
+        let tracked = tracking
+            .sagas
+            .entry(saga.uid().unwrap_or_default())
+            .or_default();
+        tracked.run = run;
+        tracked.base = Some(saga.clone());
+        run
     }
 
-    fn forget(&self, namespace: &str, name: &str) {
-        self.objects
+    /// Ends run `run` of `saga` (finished, stopped or aborted): a later run starts from a
+    /// cached copy again.
+    pub fn end_run(&self, saga: &SagaRef, run: u64) {
+        if let Some(tracked) = self.tracking().sagas.get_mut(&saga.uid)
+            && tracked.run == run
+        {
+            tracked.base = None;
+        }
+        self.call_started
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&Self::key(namespace, name));
+            .retain(|(namespace, name, _), _| *namespace != saga.namespace || *name != saga.name);
+    }
+
+    /// Notes that the API server holds `saga` (just read from it).
+    fn learn(&self, saga: &Saga) {
+        let Some(uid) = saga.uid() else { return };
+        let progress = saga.status.as_ref().map(progress).unwrap_or(0);
+        self.tracking().sagas.entry(uid).or_default().newest = Some((progress, Instant::now()));
+    }
+
+    /// Forgets the saga `uid` (deleted).
+    fn forget(&self, uid: &str) {
+        self.tracking().sagas.remove(uid);
+    }
+
+    /// Forgets every saga not in `live` (uids), but for one with a run in progress.
+    fn retain_live(&self, live: &HashSet<String>) {
+        self.tracking()
+            .sagas
+            .retain(|uid, tracked| tracked.base.is_some() || live.contains(uid));
+    }
+
+    /// Whether `saga`, a cached copy, is older than a version this store wrote or read.
+    fn freshness(&self, saga: &Saga) -> Freshness {
+        let uid = saga.uid().unwrap_or_default();
+        let tracking = self.tracking();
+        match tracking.sagas.get(&uid).and_then(|t| t.newest) {
+            Some((newest, learned)) if saga.status.as_ref().map(progress).unwrap_or(0) < newest => {
+                Freshness::Outdated {
+                    known_for: learned.elapsed(),
+                }
+            }
+            _ => Freshness::Current,
+        }
+    }
+
+    /// How many sagas this store keeps anything for: those it ran, until they are deleted.
+    pub fn tracked(&self) -> usize {
+        self.tracking().sagas.len()
     }
 
     fn observe(&self, saga: &SagaRef, event: &Event) {
@@ -279,24 +373,17 @@ impl SagaStore for KubeSagaStore {
         status: &SagaStatus,
         event: &Event,
     ) -> Result<(), StoreError> {
-        let key = Self::key(&saga.namespace, &saga.name);
-        let Some(mut object) = self
-            .objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned()
-        else {
+        let base = self
+            .tracking()
+            .sagas
+            .get(&saga.uid)
+            .and_then(|t| t.base.clone());
+        let Some(mut object) = base else {
             return Err(StoreError::Conflict(format!(
                 "saga {}/{} is not tracked",
                 saga.namespace, saga.name
             )));
         };
-        if object.metadata.uid.as_deref() != Some(saga.uid.as_str()) {
-            return Err(StoreError::Conflict(
-                "the saga was replaced by another of the same name".into(),
-            ));
-        }
         let mut status = status.clone();
         status.observed_generation = object.metadata.generation;
         object.status = Some(status.clone());
@@ -306,16 +393,33 @@ impl SagaStore for KubeSagaStore {
             .await
         {
             Ok(updated) => {
-                self.objects
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, updated.clone());
+                {
+                    let mut tracking = self.tracking();
+                    let tracked = tracking.sagas.entry(saga.uid.clone()).or_default();
+                    tracked.newest = Some((progress(&status), Instant::now()));
+                    tracked.base = Some(updated.clone());
+                }
                 self.observe(saga, event);
                 self.publish(&updated, &status, event).await;
                 Ok(())
             }
-            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
-                self.forget(&saga.namespace, &saga.name);
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                // The copy was outdated (another replica wrote, or the object changed): this run
+                // stops. Read what the API server holds, so the next run does not start from a
+                // copy older than that.
+                match api.get_opt(&saga.name).await {
+                    Ok(Some(current)) if current.uid().as_deref() == Some(saga.uid.as_str()) => {
+                        self.learn(&current)
+                    }
+                    Ok(_) => self.forget(&saga.uid),
+                    Err(error) => {
+                        tracing::warn!(saga = %saga.name, namespace = %saga.namespace, %error, "could not read the saga after a conflict")
+                    }
+                }
+                Err(StoreError::Conflict(e.message))
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                self.forget(&saga.uid);
                 Err(StoreError::Conflict(e.message))
             }
             Err(e) => Err(StoreError::Unavailable(e.to_string())),
@@ -390,13 +494,30 @@ impl<C: ServiceCaller + 'static> SagaController<C> {
             }
         });
         let trigger = tokio_stream_from(trigger_rx);
-        Controller::new(api, watcher::Config::default())
+        let controller = Controller::new(api, watcher::Config::default());
+        // Forget sagas deleted without this replica releasing their finalizer.
+        let cache = controller.store();
+        let prune_store = ctx.store.clone();
+        let pruning = tokio::spawn(async move {
+            if cache.wait_until_ready().await.is_err() {
+                return;
+            }
+            let mut every = tokio::time::interval(PRUNE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let live: HashSet<String> = cache.state().iter().filter_map(|s| s.uid()).collect();
+                prune_store.retain_live(&live);
+            }
+        });
+        controller
             .reconcile_all_on(trigger)
             .graceful_shutdown_on(shutdown)
             .run(reconcile::<C>, error_policy::<C>, ctx.clone())
             .for_each(|_| async {})
             .await;
         leadership.abort();
+        pruning.abort();
         let mut running = ctx.running.lock().unwrap_or_else(|p| p.into_inner());
         for (_, task) in running.drain() {
             task.abort();
@@ -421,6 +542,23 @@ async fn reconcile<C: ServiceCaller + 'static>(
     let name = saga.name_any();
     let key = (namespace.clone(), name.clone());
     let api: Api<Saga> = Api::namespaced(ctx.client.clone(), &namespace);
+    match ctx.store.freshness(&saga) {
+        Freshness::Current => {}
+        Freshness::Outdated { known_for } if known_for < STALE_PATIENCE => {
+            // This store wrote (or read) a newer version than the cache holds. The watch brings
+            // it and that reconciles again; a run started from this copy would only have its
+            // first write refused.
+            return Ok(Action::requeue(STALE_RECHECK));
+        }
+        Freshness::Outdated { .. } => {
+            // The cache has lagged for long: ask the API server, the only truth.
+            match api.get_opt(&name).await? {
+                Some(current) if current.uid() == saga.uid() => ctx.store.learn(&current),
+                _ => ctx.store.forget(&saga.uid().unwrap_or_default()),
+            }
+            return Ok(Action::requeue(STALE_RECHECK));
+        }
+    }
     let status = saga.status.clone().unwrap_or_default();
     let has_finalizer = saga.finalizers().iter().any(|f| f == FINALIZER);
     let deleting = saga.meta().deletion_timestamp.is_some();
@@ -441,8 +579,17 @@ async fn reconcile<C: ServiceCaller + 'static>(
                 .cloned()
                 .collect();
             let patch = serde_json::json!({"metadata": {"finalizers": finalizers, "resourceVersion": saga.resource_version()}});
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {}
+                // Gone already: released by an earlier reconcile of an older copy.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            // The object goes now: nothing to remember about it.
+            ctx.store.forget(&saga.uid().unwrap_or_default());
         }
         return Ok(Action::await_change());
     }
@@ -463,13 +610,11 @@ async fn reconcile<C: ServiceCaller + 'static>(
         name: name.clone(),
         uid: saga.uid().unwrap_or_default(),
     };
-    ctx.store.remember(&saga);
+    let run = RunGuard::start(&ctx.store, &saga, saga_ref.clone());
     let task_ctx = ctx.clone();
     let spec = saga.spec.clone();
     let task = tokio::spawn(async move {
-        if let Some(m) = &task_ctx.store.metrics {
-            m.running.inc();
-        }
+        let _run = run;
         let result = engine::run(
             &saga_ref,
             &spec,
@@ -479,9 +624,6 @@ async fn reconcile<C: ServiceCaller + 'static>(
             &task_ctx.config,
         )
         .await;
-        if let Some(m) = &task_ctx.store.metrics {
-            m.running.dec();
-        }
         match result {
             Ok(status) => {
                 tracing::info!(saga = %saga_ref.name, namespace = %saga_ref.namespace, phase = ?status.phase, "saga finished")
@@ -496,6 +638,37 @@ async fn reconcile<C: ServiceCaller + 'static>(
         .unwrap_or_else(|p| p.into_inner())
         .insert(key, task);
     Ok(Action::requeue(Duration::from_secs(10)))
+}
+
+/// A saga's run, ended in the store when its task ends however it ends (finished, stopped by
+/// a conflict, or aborted when leadership is lost), even if it never got to run.
+struct RunGuard {
+    store: KubeSagaStore,
+    saga: SagaRef,
+    run: u64,
+}
+
+impl RunGuard {
+    fn start(store: &KubeSagaStore, object: &Saga, saga: SagaRef) -> Self {
+        let run = store.remember(object);
+        if let Some(m) = &store.metrics {
+            m.running.inc();
+        }
+        Self {
+            store: store.clone(),
+            saga,
+            run,
+        }
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if let Some(m) = &self.store.metrics {
+            m.running.dec();
+        }
+        self.store.end_run(&self.saga, self.run);
+    }
 }
 
 fn error_policy<C>(saga: Arc<Saga>, error: &ReconcileError, _ctx: Arc<Context<C>>) -> Action {

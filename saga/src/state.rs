@@ -328,6 +328,20 @@ pub fn apply(spec: &SagaSpec, status: &mut SagaStatus, event: &Event, now: Times
     }
 }
 
+/// How far a saga has got, from its status alone: it grows by at least one with every event
+/// [`apply`] folds in and never decreases, so of two versions of one saga's status, the one with
+/// less progress is the older. It counts the history entries ever written (kept or dropped) and
+/// the compensations skipped (`CompensationSkipped` is the one event that writes no history).
+pub fn progress(status: &SagaStatus) -> u64 {
+    let history = status.history_dropped.unwrap_or(0) + status.history.len() as u64;
+    let skipped = status
+        .steps
+        .iter()
+        .filter(|s| s.compensation.phase == CallPhase::Skipped)
+        .count() as u64;
+    history + skipped
+}
+
 /// What a call's record asks for: nothing (done or skipped), its first attempt, the next attempt
 /// (in flight or between attempts: same idempotency key), or a stop (failed for good).
 fn resume(call: Call, record: &CallStatus) -> Option<Next> {
@@ -671,6 +685,113 @@ mod tests {
             status.history.last().map(|e| e.seq),
             Some(dropped + MAX_HISTORY as u64)
         );
+    }
+
+    /// Runs the machine as the engine does (a step without compensation is skipped, not sent)
+    /// and checks that every event applied increases [`progress`].
+    fn drive_checking_progress(
+        spec: &SagaSpec,
+        answer: impl Fn(Call, u32) -> Event,
+    ) -> (SagaStatus, usize) {
+        let mut status = SagaStatus::default();
+        let mut events = 0;
+        let mut step = |status: &mut SagaStatus, event: Event, tick: i64| {
+            let before = progress(status);
+            apply(spec, status, &event, at(tick));
+            assert!(
+                progress(status) > before,
+                "{event:?} did not increase progress ({before})"
+            );
+            events += 1;
+        };
+        for tick in 0..1000 {
+            match next(spec, &status) {
+                Next::Start => step(
+                    &mut status,
+                    Event::Started {
+                        trace_id: "t".into(),
+                    },
+                    tick,
+                ),
+                Next::Send {
+                    call: Call::Compensation(i),
+                    ..
+                } if spec.steps[i].compensation.is_none() => {
+                    step(&mut status, Event::CompensationSkipped { step: i }, tick)
+                }
+                Next::Send { call, attempt } => {
+                    step(&mut status, Event::CallStarted { call, attempt }, tick);
+                    step(&mut status, answer(call, attempt), tick);
+                }
+                Next::Done(_) => return (status, events),
+            }
+        }
+        panic!("the machine did not finish");
+    }
+
+    #[test]
+    fn progress_grows_with_every_event() {
+        let mut spec = spec(&["a", "b", "c", "d"]);
+        spec.steps[0].compensation = None;
+        spec.steps[1].compensation = None;
+        let fail = |call| Event::CallFailed {
+            call,
+            http_status: Some(400),
+            error: "bad".into(),
+            in_doubt: false,
+        };
+        // Success; retries beyond the history's bound; compensation with skips; a compensation
+        // failing for good.
+        let (status, _) = drive_checking_progress(&spec, |call, _| ok(call));
+        assert_eq!(status.phase, SagaPhase::Succeeded);
+        let (status, events) = drive_checking_progress(&spec, |call, attempt| {
+            if attempt < 150 {
+                Event::AttemptFailed {
+                    call,
+                    http_status: Some(503),
+                    error: "busy".into(),
+                }
+            } else {
+                ok(call)
+            }
+        });
+        assert_eq!(status.phase, SagaPhase::Succeeded);
+        assert!(status.history_dropped.is_some() && events > MAX_HISTORY);
+        let (status, _) = drive_checking_progress(&spec, |call, _| match call {
+            Call::Action(3) => fail(call),
+            other => ok(other),
+        });
+        assert_eq!(status.phase, SagaPhase::Compensated);
+        assert_eq!(status.steps[1].compensation.phase, CallPhase::Skipped);
+        let (status, _) = drive_checking_progress(&spec, |call, _| match call {
+            Call::Action(3) | Call::Compensation(2) => fail(call),
+            other => ok(other),
+        });
+        assert_eq!(status.phase, SagaPhase::Failed);
+        // The deadline, and an invalid saga.
+        let mut status = SagaStatus::default();
+        for event in [
+            Event::Started {
+                trace_id: "t".into(),
+            },
+            Event::CallStarted {
+                call: Call::Action(0),
+                attempt: 1,
+            },
+            Event::DeadlineExceeded,
+        ] {
+            let before = progress(&status);
+            apply(&spec, &mut status, &event, at(0));
+            assert!(progress(&status) > before, "{event:?}");
+        }
+        let mut status = SagaStatus::default();
+        apply(
+            &spec,
+            &mut status,
+            &Event::Invalid { reason: "x".into() },
+            at(0),
+        );
+        assert!(progress(&status) > 0);
     }
 
     #[test]
