@@ -104,7 +104,8 @@ impl Connection {
         let (response, mut stream) = tx
             .send_request(Request::from_parts(parts, ()), end_of_stream)
             .map_err(|e| Error::Failed(e.into()))?;
-        let body_error: Arc<Mutex<Option<BodyError>>> = Arc::default();
+        // Where a pipe task records the caller's body failing (only when there is one).
+        let mut body_error: Option<Arc<Mutex<Option<BodyError>>>> = None;
         if !end_of_stream {
             let complete = first.as_ref().is_some_and(|f| f.is_data()) && body.is_end_stream();
             if complete {
@@ -114,11 +115,13 @@ impl Connection {
                         .map_err(|e| Error::Failed(e.into()))?;
                 }
             } else {
+                let error = Arc::new(Mutex::new(None));
+                body_error = Some(error.clone());
                 let pipe = Pipe {
                     body,
                     stream,
                     pending: first.take(),
-                    error: body_error.clone(),
+                    error,
                 };
                 tokio::spawn(pipe);
             }
@@ -143,7 +146,7 @@ impl Connection {
             }
             Err(e) => {
                 // The caller's body failing is the caller's fault, not the endpoint's.
-                let caller = body_error.lock().ok().and_then(|mut slot| slot.take());
+                let caller = body_error.and_then(|e| e.lock().ok()?.take());
                 Err(Error::Failed(match caller {
                     Some(b) => Box::new(b),
                     None => Box::new(e),

@@ -154,7 +154,7 @@ pub async fn serve<S, F>(
     grace: Duration,
     handler: S,
 ) where
-    S: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    S: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Response<BoxBody>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -173,6 +173,8 @@ pub async fn serve<S, F>(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
     let graceful = GracefulShutdown::new();
+    // Shared by every connection and request: a clone per request is one reference count.
+    let handler = Arc::new(handler);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -186,7 +188,7 @@ pub async fn serve<S, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let handler = Arc::new(handler.clone());
+                let handler = handler.clone();
                 let svc = service_fn(move |req| {
                     // Boxed: a request's future (balancing, retries, the endpoint call) is
                     // several KiB, and hyper moves it into place and, for HTTP/2, into a task
