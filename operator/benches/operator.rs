@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 use sagamesh_api::ServiceRegistration;
 use sagamesh_api::discovery as pb;
 use sagamesh_api::discovery::discovery_client::DiscoveryClient;
+use sagamesh_testing::stats::{ms, percentile};
 use serde_json::json;
 
 const WATCHERS: usize = 500;
@@ -33,18 +34,6 @@ const FLIPS: usize = 20;
 const REGISTRATIONS: usize = 1000;
 const PODS_PER_REGISTRATION: usize = 10;
 const CONCURRENCY: usize = 32;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// (VmRSS, VmHWM) in KiB of a process.
 fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {

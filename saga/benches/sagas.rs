@@ -53,6 +53,7 @@ use sagamesh_saga::{
     kubernetes::{KubeSagaStore, SagaController, SagaMetrics},
     run,
 };
+use sagamesh_testing::stats::{ms, percentile};
 use sagamesh_testing::{TestBed, test_bed};
 use serde_json::{Value, json};
 use tokio::{
@@ -112,18 +113,6 @@ fn saga_object(name: &str) -> Saga {
     });
     object["spec"] = spec_json(name);
     serde_json::from_value(object).expect("the benchmark's Saga object parses")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// One round's figures, one table row.

@@ -9,6 +9,7 @@
 
 pub mod fixtures;
 pub mod shop;
+pub mod stats;
 
 use std::{
     future::Future,
