@@ -158,7 +158,7 @@ impl Connection {
 
 /// Polls `body` once with the current task's waker: a frame that has already arrived, or
 /// `Pending` (the task is woken when it comes, which is harmless).
-async fn poll_now(body: &mut BoxBody) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+pub(crate) async fn poll_now(body: &mut BoxBody) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
 }
 

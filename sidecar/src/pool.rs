@@ -2,6 +2,13 @@
 //! connection that carries every h2 request (per-request balancing happens above, across
 //! endpoints; the HTTP/2 side is in [`crate::h2_upstream`]).
 //!
+//! HTTP/1.1 takes one of two paths. A request whose body is complete when it is sent (no body,
+//! a small POST that arrived with its head, a retry's buffered body: nearly every service call)
+//! goes through [`crate::h1_upstream`] on the request's own task, and its idle connections hold
+//! only their sockets. A request whose body is still streaming in goes through hyper's HTTP/1
+//! client, which writes the body while it reads the response; those connections are pooled
+//! apart.
+//!
 //! Why not hyper-util's pooling `Client`: the profile of the sidecar's hot path showed it as
 //! the largest single cost after the proxy's own fixes — a global pool map hashed with SipHash
 //! on every checkout and return, boxed connect futures raced against checkouts, and, for every
@@ -17,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -26,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::{self, BodyError, BoxBody};
-use crate::h2_upstream;
+use crate::{h1_upstream, h2_upstream};
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE: usize = 256;
@@ -50,9 +58,25 @@ pub struct PoolConfig {
 
 type Idle = Arc<Mutex<Vec<(http1::SendRequest<BoxBody>, Instant)>>>;
 
+/// Idle connections of the lean HTTP/1.1 path; a finished response body puts its connection
+/// back here.
+#[derive(Debug, Default)]
+struct LeanIdle(Mutex<Vec<(h1_upstream::Connection, Instant)>>);
+
+impl h1_upstream::Release for LeanIdle {
+    fn release(&self, conn: h1_upstream::Connection) {
+        let mut idle = lock(&self.0);
+        if idle.len() < MAX_IDLE {
+            idle.push((conn, Instant::now()));
+        }
+    }
+}
+
 /// The connections of one endpoint.
 #[derive(Debug, Default)]
 pub struct Pool {
+    lean: Arc<LeanIdle>,
+    /// hyper's connections, for requests with a streaming body.
     idle: Idle,
     h2: Mutex<Option<h2_upstream::Connection>>,
     /// Held while an h2 connection is being made, so concurrent requests share it.
@@ -95,7 +119,7 @@ fn http1_builder() -> http1::Builder {
 impl Pool {
     /// Number of idle HTTP/1.1 connections (for tests and the debug dump).
     pub fn idle_h1(&self) -> usize {
-        lock(&self.idle).len()
+        lock(&self.idle).len() + lock(&self.lean.0).len()
     }
 
     /// Sends `req` to `host:port`: over HTTP/2 when `h2` (the request's URI must then carry
@@ -126,7 +150,93 @@ impl Pool {
         None
     }
 
+    fn checkout_lean(&self, idle_timeout: Duration) -> Option<h1_upstream::Connection> {
+        let now = Instant::now();
+        let mut idle = lock(&self.lean.0);
+        while let Some((conn, since)) = idle.pop() {
+            if now.saturating_duration_since(since) < idle_timeout && conn.is_usable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// HTTP/1.1: the lean path when the body is complete now, else hyper's client.
     async fn send_h1(
+        &self,
+        host: &str,
+        port: u16,
+        req: Request<BoxBody>,
+        cfg: &PoolConfig,
+    ) -> Result<Response<BoxBody>, SendError> {
+        let (parts, mut body) = req.into_parts();
+        let data = if body.is_end_stream() {
+            Some(Bytes::new())
+        } else {
+            match h2_upstream::poll_now(&mut body).await {
+                Poll::Ready(None) => Some(Bytes::new()),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if body.is_end_stream() => Some(data),
+                    Ok(data) => {
+                        body = body::boxed(Prefixed::new(Frame::data(data), body));
+                        None
+                    }
+                    Err(frame) => {
+                        body = body::boxed(Prefixed::new(frame, body));
+                        None
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Err(SendError::Request(Box::new(e))),
+                Poll::Pending => None,
+            }
+        };
+        match data {
+            Some(data) => self.send_lean(host, port, &parts, &data, cfg).await,
+            None => {
+                self.send_hyper(host, port, Request::from_parts(parts, body), cfg)
+                    .await
+            }
+        }
+    }
+
+    async fn send_lean(
+        &self,
+        host: &str,
+        port: u16,
+        parts: &http::request::Parts,
+        data: &[u8],
+        cfg: &PoolConfig,
+    ) -> Result<Response<BoxBody>, SendError> {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let encoded = h1_upstream::encode(&parts.method, path, &parts.headers, data);
+        // A safe request may go once more on a new connection when a reused one was closed by
+        // the endpoint just as it was sent (its keep-alive timeout), as browsers and Go do.
+        let safe = matches!(
+            parts.method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+        );
+        let release: Arc<dyn h1_upstream::Release> = self.lean.clone();
+        let mut resent = false;
+        loop {
+            let (conn, reused) = match self.checkout_lean(cfg.idle_timeout) {
+                Some(c) => (c, true),
+                None => (
+                    h1_upstream::Connection::new(connect(host, port, cfg).await?),
+                    false,
+                ),
+            };
+            match h1_upstream::send(conn, &encoded, reused, release.clone()).await {
+                Ok(resp) => return Ok(resp),
+                Err(h1_upstream::Error::NotSent(_)) if reused => continue,
+                Err(h1_upstream::Error::ClosedBeforeResponse) if reused && safe && !resent => {
+                    resent = true;
+                }
+                Err(e) => return Err(SendError::Request(Box::new(e))),
+            }
+        }
+    }
+
+    async fn send_hyper(
         &self,
         host: &str,
         port: u16,
@@ -272,5 +382,56 @@ impl Body for ReturnOnEnd {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A body whose first frame has already been taken from `rest` (to see whether it was
+/// complete): that frame, then the rest.
+struct Prefixed {
+    first: Option<Frame<Bytes>>,
+    rest: BoxBody,
+}
+
+impl Prefixed {
+    fn new(first: Frame<Bytes>, rest: BoxBody) -> Self {
+        Prefixed {
+            first: Some(first),
+            rest,
+        }
+    }
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.first.take() {
+            Some(f) => Poll::Ready(Some(Ok(f))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.rest.size_hint();
+        let n = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map_or(0, |d| d.len() as u64);
+        // Upper first: the lower bound may never exceed it.
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(n));
+        }
+        hint.set_lower(rest.lower().saturating_add(n));
+        hint
     }
 }
