@@ -14,7 +14,8 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 MODE="${1:-h1}"
 N="${2:-20000}"
 T="${CARGO_TARGET_DIR:-$ROOT/target/bench}/release"
-S="${CARGO_TARGET_DIR:-$ROOT/target/bench}/sidecar"
+# Where scripts/build-sidecar.sh puts the image's build (bench-proxy.sh runs it).
+S="${CARGO_TARGET_DIR:-$ROOT/target/bench}/$(rustc -vV | sed -n 's/^host: //p')/sidecar"
 WORK="$(mktemp -d /tmp/sagamesh-profile-XXXXXX)"
 PIDS=()
 cleanup() {

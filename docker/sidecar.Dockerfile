@@ -1,16 +1,16 @@
 # syntax=docker/dockerfile:1.7
-# The sagamesh-sidecar image: built in a full Rust image, shipped in a distroless one (no shell, no package
-# manager), running as the nonroot user (65532). Build from the repository root:
+# The sagamesh-sidecar image: built in a full Rust image by scripts/build-sidecar.sh (the `sidecar`
+# profile, glibc linked statically), shipped in distroless/static (no shell, no package manager, no
+# libc needed), running as the nonroot user (65532). Build from the repository root:
 #   docker build -f docker/sidecar.Dockerfile -t sagamesh/sidecar:dev .
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --profile sidecar --locked -p sagamesh-sidecar --bin sagamesh-sidecar \
- && cp target/sidecar/sagamesh-sidecar /sagamesh-sidecar
+    bin="$(scripts/build-sidecar.sh --locked)" && cp "$bin" /sagamesh-sidecar
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /sagamesh-sidecar /usr/local/bin/sagamesh-sidecar
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/sagamesh-sidecar"]

