@@ -123,7 +123,7 @@ impl Pool {
     }
 
     /// Sends `req` to `host:port`: over HTTP/2 when `h2` (the request's URI must then carry
-    /// scheme and authority), else over HTTP/1.1 (origin-form URI, `Host` set by the caller).
+    /// scheme and authority), else over HTTP/1.1 in origin form (`Host` set by the caller).
     pub async fn send(
         &self,
         host: &str,
@@ -243,6 +243,15 @@ impl Pool {
         mut req: Request<BoxBody>,
         cfg: &PoolConfig,
     ) -> Result<Response<BoxBody>, SendError> {
+        // Origin form towards the endpoint (RFC 9112 §3.2.1): hyper's connection API writes the
+        // URI as it is given, and the caller's is absolute.
+        if req.uri().scheme().is_some() {
+            let mut origin = http::uri::Parts::default();
+            origin.path_and_query = req.uri().path_and_query().cloned();
+            if let Ok(uri) = http::Uri::from_parts(origin) {
+                *req.uri_mut() = uri;
+            }
+        }
         loop {
             let (mut tx, reused) = match self.checkout_h1(cfg.idle_timeout) {
                 Some(tx) => (tx, true),

@@ -12,8 +12,6 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -27,6 +25,7 @@ use crate::error::{ERROR_HEADER, MeshError};
 use crate::metrics::{DestinationLabels, Metrics, RequestLabels, status_class};
 use crate::name::parse_authority;
 use crate::otlp::{OtlpExporter, SpanKind, SpanRecord};
+use crate::pool::{Pool, PoolConfig, SendError};
 use crate::trace::{self, TraceContext};
 
 /// Exports the span of one proxied request, when OTLP export is on.
@@ -309,30 +308,32 @@ impl Outbound {
 }
 
 /// The inbound proxy: forwards to the app on 127.0.0.1:`app_port` and records inbound metrics.
+/// The app's connections are pooled like an endpoint's ([`Pool`]: the lean HTTP/1.1 path, hyper's
+/// client for streaming bodies, one shared HTTP/2 connection).
 #[derive(Clone)]
 pub struct Inbound {
     pub app: SocketAddr,
     pub metrics: Metrics,
     pub limits: Limits,
-    h1: Client<HttpConnector, BoxBody>,
-    h2: Client<HttpConnector, BoxBody>,
+    pool: Arc<Pool>,
+    pool_config: PoolConfig,
+    app_host: Arc<str>,
     label: Arc<str>,
     pub otlp: Option<OtlpExporter>,
 }
 
 impl Inbound {
     pub fn new(app: SocketAddr, metrics: Metrics, limits: Limits) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
         Inbound {
             app,
             metrics,
             limits,
-            h1: Client::builder(TokioExecutor::new()).build(connector.clone()),
-            h2: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build(connector),
+            pool: Arc::default(),
+            pool_config: PoolConfig {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(90),
+            },
+            app_host: app.ip().to_string().into(),
             label: format!("app:{}", app.port()).into(),
             otlp: None,
         }
@@ -421,28 +422,25 @@ impl Inbound {
             http::Version::HTTP_11
         };
         let req = Request::from_parts(parts, body);
-        let res = if h2 {
-            self.h2.request(req).await
-        } else {
-            self.h1.request(req).await
-        };
+        let res = self
+            .pool
+            .send(&self.app_host, self.app.port(), req, h2, &self.pool_config)
+            .await;
         match res {
             Ok(mut resp) => {
                 strip_hop_by_hop(resp.headers_mut());
-                Ok(resp.map(body::incoming))
+                Ok(resp)
             }
-            Err(e) if crate::client::caller_body_error(&e).is_some() => {
-                Err(crate::client::caller_body_error(&e).unwrap_or(MeshError::BodyTooLarge))
-            }
-            Err(e) if e.is_connect() => Err(MeshError::ConnectFailure {
+            Err(SendError::Connect(reason)) => Err(MeshError::ConnectFailure {
                 endpoint: self.app.to_string(),
-                reason: e.to_string(),
+                reason,
                 maybe_delivered: false,
             }),
-            Err(e) => Err(MeshError::Reset {
-                endpoint: self.app.to_string(),
-                reason: e.to_string(),
-            }),
+            Err(SendError::Request(e)) => Err(crate::client::caller_body_error(&*e)
+                .unwrap_or_else(|| MeshError::Reset {
+                    endpoint: self.app.to_string(),
+                    reason: e.to_string(),
+                })),
         }
     }
 }

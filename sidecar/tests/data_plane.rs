@@ -692,6 +692,42 @@ async fn inbound_forwards_to_the_app_and_counts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_forwards_h2c_and_posts_on_pooled_connections() {
+    let app = Backend::start("app", [127, 0, 0, 1]);
+    let mut config = Config::local_test();
+    config.app_port = Some(app.addr.port());
+    let sidecar = start_sidecar_with(config, StaticDiscovery::new()).await;
+    let inbound = sidecar.inbound_addr().expect("inbound listener");
+    // h2c from the caller: HTTP/2 to the app as well.
+    let h2: HttpClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    for _ in 0..3 {
+        let g = get(&h2, inbound, "anything").await;
+        assert_eq!(g.status, StatusCode::OK, "{g:?}");
+        assert_eq!(g.header("x-backend"), Some("app"));
+    }
+    // HTTP/1.1 POSTs with a body: the lean path, one pooled connection at a time.
+    let client = http_client();
+    for i in 0..3 {
+        let g = request_with_body(
+            &client,
+            inbound,
+            "POST",
+            "anything",
+            "/orders",
+            &[],
+            bytes::Bytes::from(format!("order {i}")),
+        )
+        .await;
+        assert_eq!(g.status, StatusCode::OK, "{g:?}");
+    }
+    assert_eq!(app.hits(), 6);
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_ready_live_and_drain() {
     let d = StaticDiscovery::new();
     let sidecar = start_sidecar(d).await;

@@ -367,6 +367,10 @@ async fn bodies_get_a_length_and_a_streaming_body_still_arrives_whole() {
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"abcdefgh");
 
+    // Both paths send origin form, with the length they know.
     let heads = backend.heads.lock().expect("heads").clone();
+    assert!(heads[0].starts_with("POST /echo HTTP/1.1\r\n"), "{heads:?}");
     assert!(heads[0].contains("content-length: 10\r\n"), "{heads:?}");
+    assert!(heads[1].starts_with("POST /echo HTTP/1.1\r\n"), "{heads:?}");
+    assert!(heads[1].contains("content-length: 8\r\n"), "{heads:?}");
 }
