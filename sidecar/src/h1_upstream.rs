@@ -143,26 +143,43 @@ pub async fn send(
     reused: bool,
     release: std::sync::Arc<dyn Release>,
 ) -> Result<Response<BoxBody>, Error> {
-    if let Err(e) = conn.io.write_all(&req.bytes).await {
+    let write_error = match conn.io.write_all(&req.bytes).await {
+        Ok(()) => None,
         // The endpoint closed a pooled connection: the kernel refuses the first write at once
         // (EPIPE/ECONNRESET), so nothing reached the application.
-        return Err(if reused && is_closed_error(&e) {
-            Error::NotSent(e)
-        } else {
-            Error::Write(e)
-        });
-    }
+        Err(e) if reused && is_closed_error(&e) => return Err(Error::NotSent(e)),
+        Err(e) => Some(e),
+    };
+    // Even when the write failed, the endpoint may have answered before it stopped reading (a
+    // 413 for a body it would not take, say): that answer is what the caller should get. The
+    // connection is not reused then.
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let head = match read_final_head(&mut conn, &mut buf).await {
+        Ok(head) => head,
+        Err(e) => return Err(write_error.map_or(e, Error::Write)),
+    };
+    Ok(respond(
+        head,
+        conn,
+        buf,
+        req.head_method,
+        write_error.is_none(),
+        release,
+    ))
+}
+
+/// Reads response heads until a final one (interim 1xx answers are skipped).
+async fn read_final_head(conn: &mut Connection, buf: &mut BytesMut) -> Result<Head, Error> {
     loop {
         let head = loop {
-            if let Some(head) = parse_head(&mut buf)? {
+            if let Some(head) = parse_head(buf)? {
                 break head;
             }
             if buf.len() >= MAX_HEAD_BYTES {
                 return Err(Error::HeadTooLarge);
             }
             buf.reserve(READ_CHUNK);
-            match conn.io.read_buf(&mut buf).await {
+            match conn.io.read_buf(buf).await {
                 Ok(0) if buf.is_empty() => return Err(Error::ClosedBeforeResponse),
                 Ok(0) => {
                     return Err(Error::Parse(
@@ -175,13 +192,12 @@ pub async fn send(
         };
         // Interim responses (100 Continue, 103 Early Hints) are skipped; 101 would switch
         // protocols, which the sidecar never asks for (`Upgrade` is stripped as hop-by-hop).
-        if head.status.is_informational() {
-            if head.status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(Error::Parse("unexpected 101 Switching Protocols".into()));
-            }
-            continue;
+        if !head.status.is_informational() {
+            return Ok(head);
         }
-        return Ok(respond(head, conn, buf, req.head_method, release));
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Error::Parse("unexpected 101 Switching Protocols".into()));
+        }
     }
 }
 
@@ -333,11 +349,13 @@ fn respond(
     conn: Connection,
     buf: BytesMut,
     head_method: bool,
+    may_reuse: bool,
     release: std::sync::Arc<dyn Release>,
 ) -> Response<BoxBody> {
+    let reuse = may_reuse && keep_alive(&head);
     let (state, size, reusable) = match framing(&head, head_method) {
-        Ok(Framing::Length(n)) => (State::Length(n), SizeHint::with_exact(n), keep_alive(&head)),
-        Ok(Framing::Chunked) => (State::ChunkSize, SizeHint::default(), keep_alive(&head)),
+        Ok(Framing::Length(n)) => (State::Length(n), SizeHint::with_exact(n), reuse),
+        Ok(Framing::Chunked) => (State::ChunkSize, SizeHint::default(), reuse),
         Ok(Framing::Close) => (State::UntilClose, SizeHint::default(), false),
         // An unusable length: the body fails at once, the connection is not reused.
         Err(_) => (State::BadLength, SizeHint::default(), false),
