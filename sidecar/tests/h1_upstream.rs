@@ -52,6 +52,10 @@ async fn read_request(io: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, 
                         .then(|| v.trim().parse::<usize>().ok())?
                 })
                 .unwrap_or(0);
+            if head.starts_with("POST /refuse-body ") {
+                buf.clear();
+                return Some((head, Vec::new()));
+            }
             while buf.len() < end + 4 + len {
                 let mut chunk = [0u8; 4096];
                 let n = io.read(&mut chunk).await.ok()?;
@@ -134,6 +138,18 @@ async fn answer(io: &mut TcpStream, head: &str, body: &[u8]) -> bool {
             let _ = io
                 .write_all(w("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"))
                 .await;
+            false
+        }
+        "/refuse-body" => {
+            // Answers before reading the body, then closes with the body unread (the kernel
+            // resets the connection, so the sender's write fails).
+            let _ = io
+                .write_all(w(
+                    "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n",
+                ))
+                .await;
+            let _ = io.shutdown().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
             false
         }
         "/idle-close" => {
@@ -373,4 +389,22 @@ async fn bodies_get_a_length_and_a_streaming_body_still_arrives_whole() {
     assert!(heads[0].contains("content-length: 10\r\n"), "{heads:?}");
     assert!(heads[1].starts_with("POST /echo HTTP/1.1\r\n"), "{heads:?}");
     assert!(heads[1].contains("content-length: 8\r\n"), "{heads:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_sent_before_the_body_was_read_reaches_the_caller() {
+    let backend = Scripted::start().await;
+    let (client, target) = client_for(backend.addr);
+    // Far more than the socket buffers hold, so the write fails when the server resets.
+    let big = Bytes::from(vec![b'x'; 64 * 1024 * 1024]);
+    let req = http::Request::post("/refuse-body")
+        .body(body::full(big))
+        .expect("request");
+    let resp = tokio::time::timeout(WAIT, client.send(&target, req))
+        .await
+        .expect("timed out")
+        .expect("the endpoint's own answer");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"too big\n");
 }
