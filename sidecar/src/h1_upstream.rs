@@ -367,7 +367,13 @@ fn respond(
     let mut body = ResponseBody {
         conn: Some(conn),
         buf,
-        state,
+        // An empty body is over before anyone polls it (hyper's server never polls a body that
+        // says it has ended), so its connection goes back at once.
+        state: if state == State::Length(0) {
+            State::Done
+        } else {
+            state
+        },
         reusable,
         size,
         release,

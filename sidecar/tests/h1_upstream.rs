@@ -408,3 +408,32 @@ async fn an_answer_sent_before_the_body_was_read_reaches_the_caller() {
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"too big\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_proxy_empty_and_full_answers_reuse_one_connection() {
+    let backend = Scripted::start().await;
+    let d = StaticDiscovery::new();
+    d.set(snapshot("raw", &spec(&[backend.addr])));
+    let sidecar = start_sidecar(d).await;
+    let client = http_client();
+    for path in ["/", "/chunked", "/", "/continue", "/"] {
+        let g = request(&client, sidecar.outbound_addr(), "GET", "raw", path, &[]).await;
+        assert_eq!(g.status, StatusCode::OK, "{path}: {g:?}");
+    }
+    let g = request(
+        &client,
+        sidecar.outbound_addr(),
+        "HEAD",
+        "raw",
+        "/head",
+        &[],
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(
+        backend.connections(),
+        1,
+        "one keep-alive connection for all six"
+    );
+    sidecar.shutdown().await;
+}
