@@ -447,12 +447,27 @@ impl ResponseBody {
         tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut self.buf)
     }
 
-    /// Takes up to `max` buffered bytes as a data frame.
-    fn take_data(&mut self, max: u64) -> Bytes {
+    /// Reads more into the buffer where the body must go on: the connection closing here cut
+    /// the body short.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(match ready!(self.poll_fill(cx)) {
+            Ok(0) => Err(Error::Incomplete),
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::Read(e)),
+        })
+    }
+
+    /// Up to `max` bytes of body data: what is buffered, or what the next read brings.
+    fn poll_take(&mut self, cx: &mut Context<'_>, max: u64) -> Poll<Result<Bytes, Error>> {
+        if self.buf.is_empty()
+            && let Err(e) = ready!(self.poll_more(cx))
+        {
+            return Poll::Ready(Err(e));
+        }
         let n = usize::try_from(max)
             .unwrap_or(usize::MAX)
             .min(self.buf.len());
-        self.buf.split_to(n).freeze()
+        Poll::Ready(Ok(self.buf.split_to(n).freeze()))
     }
 }
 
@@ -477,20 +492,17 @@ impl Body for ResponseBody {
                     return Poll::Ready(None);
                 }
                 State::Length(left) => {
-                    if this.buf.is_empty() {
-                        match ready!(this.poll_fill(cx)) {
-                            Ok(0) => return this.fail(Error::Incomplete),
-                            Ok(_) => {}
-                            Err(e) => return this.fail(Error::Read(e)),
-                        }
-                    }
-                    let data = this.take_data(left);
+                    let data = match ready!(this.poll_take(cx, left)) {
+                        Ok(d) => d,
+                        Err(e) => return this.fail(e),
+                    };
                     let left = left - data.len() as u64;
-                    this.state = State::Length(left);
-                    if left == 0 {
-                        this.state = State::Done;
-                        this.finish_if_done();
-                    }
+                    this.state = if left == 0 {
+                        State::Done
+                    } else {
+                        State::Length(left)
+                    };
+                    this.finish_if_done();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 State::UntilClose => {
@@ -505,7 +517,7 @@ impl Body for ResponseBody {
                             Err(e) => return this.fail(Error::Read(e)),
                         }
                     }
-                    let data = this.take_data(u64::MAX);
+                    let data = this.buf.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 State::ChunkSize => match chunk_size_line(&this.buf) {
@@ -517,22 +529,18 @@ impl Body for ResponseBody {
                         this.buf.advance(line_len);
                         this.state = State::ChunkData(size);
                     }
-                    Ok(None) => match ready!(this.poll_fill(cx)) {
-                        Ok(0) => return this.fail(Error::Incomplete),
-                        Ok(_) => {}
-                        Err(e) => return this.fail(Error::Read(e)),
-                    },
+                    Ok(None) => {
+                        if let Err(e) = ready!(this.poll_more(cx)) {
+                            return this.fail(e);
+                        }
+                    }
                     Err(e) => return this.fail(Error::Chunked(e)),
                 },
                 State::ChunkData(left) => {
-                    if this.buf.is_empty() {
-                        match ready!(this.poll_fill(cx)) {
-                            Ok(0) => return this.fail(Error::Incomplete),
-                            Ok(_) => {}
-                            Err(e) => return this.fail(Error::Read(e)),
-                        }
-                    }
-                    let data = this.take_data(left);
+                    let data = match ready!(this.poll_take(cx, left)) {
+                        Ok(d) => d,
+                        Err(e) => return this.fail(e),
+                    };
                     let left = left - data.len() as u64;
                     this.state = if left == 0 {
                         State::ChunkEnd
@@ -543,11 +551,10 @@ impl Body for ResponseBody {
                 }
                 State::ChunkEnd => {
                     if this.buf.len() < 2 {
-                        match ready!(this.poll_fill(cx)) {
-                            Ok(0) => return this.fail(Error::Incomplete),
-                            Ok(_) => continue,
-                            Err(e) => return this.fail(Error::Read(e)),
+                        if let Err(e) = ready!(this.poll_more(cx)) {
+                            return this.fail(e);
                         }
+                        continue;
                     }
                     if &this.buf[..2] != b"\r\n" {
                         return this.fail(Error::Chunked("missing CRLF after chunk data"));
@@ -565,10 +572,8 @@ impl Body for ResponseBody {
                         if this.buf.len() >= MAX_HEAD_BYTES {
                             return this.fail(Error::HeadTooLarge);
                         }
-                        match ready!(this.poll_fill(cx)) {
-                            Ok(0) => return this.fail(Error::Incomplete),
-                            Ok(_) => {}
-                            Err(e) => return this.fail(Error::Read(e)),
+                        if let Err(e) = ready!(this.poll_more(cx)) {
+                            return this.fail(e);
                         }
                     }
                     Err(e) => return this.fail(e),
