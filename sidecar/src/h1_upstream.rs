@@ -95,7 +95,7 @@ pub struct Encoded {
     head_method: bool,
 }
 
-/// Encodes `req`, whose body must be complete: `data` is all of it. Hop-by-hop headers must
+/// Encodes a request whose body is complete: `data` is all of it. Hop-by-hop headers must
 /// have been removed by the caller; framing (`content-length`) is set here.
 pub fn encode(method: &Method, path_and_query: &str, headers: &HeaderMap, data: &[u8]) -> Encoded {
     let mut out = Vec::with_capacity(256 + data.len());
