@@ -297,7 +297,7 @@ fn framing(head: &Head, head_method: bool) -> Result<Framing, Error> {
     let mut length: Option<u64> = None;
     for v in head.headers.get_all(header::CONTENT_LENGTH) {
         for part in v.as_bytes().split(|b| *b == b',') {
-            let n = parse_decimal(trim(part))
+            let n = parse_decimal(part.trim_ascii())
                 .ok_or_else(|| Error::Parse("bad content-length".into()))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Error::Parse("conflicting content-length values".into()));
@@ -306,18 +306,6 @@ fn framing(head: &Head, head_method: bool) -> Result<Framing, Error> {
         }
     }
     Ok(length.map_or(Framing::Close, Framing::Length))
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |i| i + 1);
-    &b[start..end.max(start)]
 }
 
 fn parse_decimal(b: &[u8]) -> Option<u64> {
@@ -332,7 +320,7 @@ fn parse_decimal(b: &[u8]) -> Option<u64> {
 fn keep_alive(head: &Head) -> bool {
     let mut close = head.version == Version::HTTP_10;
     for v in head.headers.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|b| *b == b',').map(trim) {
+        for token in v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
             if token.eq_ignore_ascii_case(b"close") {
                 return false;
             }
@@ -606,7 +594,7 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
     }
     let line = &buf[..lf - 1];
     let digits = line.split(|b| *b == b';').next().unwrap_or_default();
-    let digits = trim(digits);
+    let digits = digits.trim_ascii();
     if digits.is_empty() || digits.len() > 15 {
         return Err("bad chunk size");
     }
