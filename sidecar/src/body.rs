@@ -98,3 +98,85 @@ impl<G> Body for Guarded<G> {
         self.inner.size_hint()
     }
 }
+
+/// A request body as it stands when the request is about to be sent.
+pub enum Arrived {
+    /// All of it has arrived: the whole body (empty when there is none), to send in one go.
+    Complete(Bytes),
+    /// More is still to come; a first frame already taken to find out is put back in front.
+    Streaming(BoxBody),
+}
+
+/// Looks at `body` once, without waiting: complete (a GET, a small POST that came with its
+/// head, a retry's buffered body, a unary gRPC message) or still streaming in. Polling registers
+/// the current task's waker on the body, which is harmless.
+pub async fn arrived(mut body: BoxBody) -> Result<Arrived, BodyError> {
+    if body.is_end_stream() {
+        return Ok(Arrived::Complete(Bytes::new()));
+    }
+    let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+    match polled {
+        Poll::Pending => Ok(Arrived::Streaming(body)),
+        Poll::Ready(None) => Ok(Arrived::Complete(Bytes::new())),
+        Poll::Ready(Some(Err(e))) => Err(e),
+        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+            Ok(data) if body.is_end_stream() => Ok(Arrived::Complete(data)),
+            Ok(data) => Ok(Arrived::Streaming(boxed(Prefixed::new(
+                Frame::data(data),
+                body,
+            )))),
+            Err(frame) => Ok(Arrived::Streaming(boxed(Prefixed::new(frame, body)))),
+        },
+    }
+}
+
+/// A body whose first frame has already been taken from `rest` (to see whether it was
+/// complete): that frame, then the rest.
+struct Prefixed {
+    first: Option<Frame<Bytes>>,
+    rest: BoxBody,
+}
+
+impl Prefixed {
+    fn new(first: Frame<Bytes>, rest: BoxBody) -> Self {
+        Prefixed {
+            first: Some(first),
+            rest,
+        }
+    }
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.first.take() {
+            Some(f) => Poll::Ready(Some(Ok(f))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.rest.size_hint();
+        let n = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map_or(0, |d| d.len() as u64);
+        // Upper first: the lower bound may never exceed it.
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(n));
+        }
+        hint.set_lower(rest.lower().saturating_add(n));
+        hint
+    }
+}

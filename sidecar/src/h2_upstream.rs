@@ -22,7 +22,7 @@ use http::{HeaderMap, Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use crate::body::{self, BodyError, BoxBody};
+use crate::body::{self, Arrived, BodyError, BoxBody};
 
 // hyper's client defaults, kept so the switch changes nothing on the wire.
 const CONN_WINDOW: u32 = 5 * 1024 * 1024;
@@ -86,41 +86,33 @@ impl Connection {
             Ok(tx) => tx,
             Err(e) => return Err(Error::NotSent(e, Box::new(req))),
         };
-        let (parts, mut body) = req.into_parts();
-        let mut end_of_stream = body.is_end_stream();
+        let (parts, body) = req.into_parts();
         // A body that has already arrived in full (a unary gRPC call's one message, a small
         // POST) goes out with the headers.
-        let mut first: Option<Frame<Bytes>> = None;
-        if !end_of_stream {
-            match poll_now(&mut body).await {
-                Poll::Pending => {}
-                Poll::Ready(None) => end_of_stream = true,
-                Poll::Ready(Some(Ok(frame))) => first = Some(frame),
-                Poll::Ready(Some(Err(e))) => {
-                    return Err(Error::Failed(Box::new(e)));
-                }
-            }
-        }
+        let body = body::arrived(body)
+            .await
+            .map_err(|e| Error::Failed(Box::new(e)))?;
+        let end_of_stream = matches!(&body, Arrived::Complete(data) if data.is_empty());
         let (response, mut stream) = tx
             .send_request(Request::from_parts(parts, ()), end_of_stream)
             .map_err(|e| Error::Failed(e.into()))?;
         // Where a pipe task records the caller's body failing (only when there is one).
         let mut body_error: Option<Arc<Mutex<Option<BodyError>>>> = None;
-        if !end_of_stream {
-            let complete = first.as_ref().is_some_and(|f| f.is_data()) && body.is_end_stream();
-            if complete {
-                if let Some(Ok(data)) = first.take().map(Frame::into_data) {
+        match body {
+            Arrived::Complete(data) => {
+                if !end_of_stream {
                     stream
                         .send_data(data, true)
                         .map_err(|e| Error::Failed(e.into()))?;
                 }
-            } else {
+            }
+            Arrived::Streaming(body) => {
                 let error = Arc::new(Mutex::new(None));
                 body_error = Some(error.clone());
                 let pipe = Pipe {
                     body,
                     stream,
-                    pending: first.take(),
+                    pending: None,
                     error,
                 };
                 tokio::spawn(pipe);
@@ -154,12 +146,6 @@ impl Connection {
             }
         }
     }
-}
-
-/// Polls `body` once with the current task's waker: a frame that has already arrived, or
-/// `Pending` (the task is woken when it comes, which is harmless).
-pub(crate) async fn poll_now(body: &mut BoxBody) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
 }
 
 /// The response body: DATA frames (their flow-control capacity given back as they are read),

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -33,7 +32,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::{self, BodyError, BoxBody};
+use crate::body::{self, Arrived, BodyError, BoxBody};
 use crate::{h1_upstream, h2_upstream};
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
@@ -169,30 +168,13 @@ impl Pool {
         req: Request<BoxBody>,
         cfg: &PoolConfig,
     ) -> Result<Response<BoxBody>, SendError> {
-        let (parts, mut body) = req.into_parts();
-        let data = if body.is_end_stream() {
-            Some(Bytes::new())
-        } else {
-            match h2_upstream::poll_now(&mut body).await {
-                Poll::Ready(None) => Some(Bytes::new()),
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if body.is_end_stream() => Some(data),
-                    Ok(data) => {
-                        body = body::boxed(Prefixed::new(Frame::data(data), body));
-                        None
-                    }
-                    Err(frame) => {
-                        body = body::boxed(Prefixed::new(frame, body));
-                        None
-                    }
-                },
-                Poll::Ready(Some(Err(e))) => return Err(SendError::Request(Box::new(e))),
-                Poll::Pending => None,
-            }
-        };
-        match data {
-            Some(data) => self.send_lean(host, port, &parts, &data, cfg).await,
-            None => {
+        let (parts, body) = req.into_parts();
+        match body::arrived(body)
+            .await
+            .map_err(|e| SendError::Request(Box::new(e)))?
+        {
+            Arrived::Complete(data) => self.send_lean(host, port, &parts, &data, cfg).await,
+            Arrived::Streaming(body) => {
                 self.send_hyper(host, port, Request::from_parts(parts, body), cfg)
                     .await
             }
@@ -391,56 +373,5 @@ impl Body for ReturnOnEnd {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// A body whose first frame has already been taken from `rest` (to see whether it was
-/// complete): that frame, then the rest.
-struct Prefixed {
-    first: Option<Frame<Bytes>>,
-    rest: BoxBody,
-}
-
-impl Prefixed {
-    fn new(first: Frame<Bytes>, rest: BoxBody) -> Self {
-        Prefixed {
-            first: Some(first),
-            rest,
-        }
-    }
-}
-
-impl Body for Prefixed {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.first.take() {
-            Some(f) => Poll::Ready(Some(Ok(f))),
-            None => Pin::new(&mut self.rest).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let rest = self.rest.size_hint();
-        let n = self
-            .first
-            .as_ref()
-            .and_then(|f| f.data_ref())
-            .map_or(0, |d| d.len() as u64);
-        // Upper first: the lower bound may never exceed it.
-        let mut hint = SizeHint::new();
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper.saturating_add(n));
-        }
-        hint.set_lower(rest.lower().saturating_add(n));
-        hint
     }
 }
