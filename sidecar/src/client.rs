@@ -71,6 +71,15 @@ impl Default for ClientConfig {
     }
 }
 
+impl From<&ClientConfig> for PoolConfig {
+    fn from(cfg: &ClientConfig) -> Self {
+        PoolConfig {
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.pool_idle_timeout,
+        }
+    }
+}
+
 /// The state of one destination as of its last discovery update.
 struct DestState {
     resolution: Resolution,
@@ -338,10 +347,7 @@ fn grpc_status_as_http(headers: &HeaderMap) -> Option<StatusCode> {
 
 impl MeshClient {
     pub fn new(discover: Arc<dyn Discover>, cfg: ClientConfig, metrics: Metrics) -> Self {
-        let pool = PoolConfig {
-            connect_timeout: cfg.connect_timeout,
-            idle_timeout: cfg.pool_idle_timeout,
-        };
+        let pool = PoolConfig::from(&cfg);
         MeshClient {
             inner: Arc::new(Inner {
                 discover,
@@ -749,26 +755,9 @@ impl MeshClient {
                 let status = grpc_status_as_http(resp.headers()).unwrap_or(resp.status());
                 (Outcome::Response(status), Ok((resp, in_flight)))
             }
-            Some(Err(SendError::Connect(reason))) => (
-                Outcome::ConnectFailure,
-                Err(MeshError::ConnectFailure {
-                    endpoint: ep.key.clone(),
-                    reason,
-                    maybe_delivered: false,
-                }),
-            ),
-            Some(Err(SendError::Request(e))) => {
-                if let Some(caller) = caller_body_error(&*e) {
-                    (Outcome::CallerError, Err(caller))
-                } else {
-                    (
-                        Outcome::Reset,
-                        Err(MeshError::Reset {
-                            endpoint: ep.key.clone(),
-                            reason: error_chain(&*e),
-                        }),
-                    )
-                }
+            Some(Err(e)) => {
+                let (outcome, err) = send_failure(&ep.key, e);
+                (outcome, Err(err))
             }
         }
     }
@@ -879,6 +868,31 @@ impl Drop for ProbeGuard {
         {
             b.release_probe();
         }
+    }
+}
+
+/// What a failed send to `endpoint` means: no connection (nothing was sent), the caller's own
+/// request body failing, or a failure on the connection after sending began.
+pub(crate) fn send_failure(endpoint: &str, e: SendError) -> (Outcome, MeshError) {
+    match e {
+        SendError::Connect(reason) => (
+            Outcome::ConnectFailure,
+            MeshError::ConnectFailure {
+                endpoint: endpoint.to_string(),
+                reason,
+                maybe_delivered: false,
+            },
+        ),
+        SendError::Request(e) => match caller_body_error(&*e) {
+            Some(caller) => (Outcome::CallerError, caller),
+            None => (
+                Outcome::Reset,
+                MeshError::Reset {
+                    endpoint: endpoint.to_string(),
+                    reason: error_chain(&*e),
+                },
+            ),
+        },
     }
 }
 

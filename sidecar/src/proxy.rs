@@ -20,12 +20,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{self, BoxBody};
-use crate::client::{MeshClient, strip_hop_by_hop};
+use crate::client::{ClientConfig, MeshClient, send_failure, strip_hop_by_hop};
 use crate::error::{ERROR_HEADER, MeshError};
 use crate::metrics::{DestinationLabels, Metrics, RequestLabels, status_class};
 use crate::name::parse_authority;
 use crate::otlp::{OtlpExporter, SpanKind, SpanRecord};
-use crate::pool::{Pool, PoolConfig, SendError};
+use crate::pool::{Pool, PoolConfig};
 use crate::trace::{self, TraceContext};
 
 /// Exports the span of one proxied request, when OTLP export is on.
@@ -329,10 +329,7 @@ impl Inbound {
             metrics,
             limits,
             pool: Arc::default(),
-            pool_config: PoolConfig {
-                connect_timeout: Duration::from_secs(1),
-                idle_timeout: Duration::from_secs(90),
-            },
+            pool_config: PoolConfig::from(&ClientConfig::default()),
             app_host: app.ip().to_string().into(),
             label: format!("app:{}", app.port()).into(),
             otlp: None,
@@ -431,16 +428,7 @@ impl Inbound {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)
             }
-            Err(SendError::Connect(reason)) => Err(MeshError::ConnectFailure {
-                endpoint: self.app.to_string(),
-                reason,
-                maybe_delivered: false,
-            }),
-            Err(SendError::Request(e)) => Err(crate::client::caller_body_error(&*e)
-                .unwrap_or_else(|| MeshError::Reset {
-                    endpoint: self.app.to_string(),
-                    reason: e.to_string(),
-                })),
+            Err(e) => Err(send_failure(&self.app.to_string(), e).1),
         }
     }
 }
