@@ -146,25 +146,8 @@ impl DestState {
             endpoints.push(ep);
             meta.push((e.ready, e.port_name.clone()));
         }
-        // A new endpoint starts at the average latency estimate of the endpoints that stay, not
-        // at a fixed default: otherwise, next to fast peers, peak-EWMA would starve it until its
-        // default estimate decayed (tens of seconds).
-        let now = Instant::now();
-        let kept: Vec<f64> = endpoints
-            .iter()
-            .filter(|e| previous.is_some_and(|p| p.endpoints.iter().any(|x| Arc::ptr_eq(x, e))))
-            .filter_map(|e| e.ewma.lock().ok().map(|w| w.estimate(now)))
-            .collect();
-        if !kept.is_empty() {
-            let avg = kept.iter().sum::<f64>() / kept.len() as f64;
-            for e in &endpoints {
-                if !previous.is_some_and(|p| p.endpoints.iter().any(|x| Arc::ptr_eq(x, e)))
-                    && let Ok(mut w) = e.ewma.lock()
-                {
-                    w.seed(avg, now);
-                }
-            }
-        }
+        // A new endpoint needs no seeded estimate: until its first answer its estimate is
+        // stale, so the balancer sends it a request at once (see `endpoint::PeakEwma`).
         let balancer = Balancer::new(policy.balance.clone(), &endpoints);
         let budget = policy.retry.as_ref().map(|r| {
             let key = budget_key(r);
