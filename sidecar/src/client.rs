@@ -202,6 +202,14 @@ impl Destination {
             && let Ok(mut st) = self.state.write()
         {
             let next = DestState::build(resolution, Some(&st));
+            for gone in st
+                .endpoints
+                .iter()
+                .filter(|e| !next.endpoints.iter().any(|n| n.key == e.key))
+            {
+                gone.metrics.retire();
+                self.metrics.remove_endpoint(&gone.key);
+            }
             *st = Arc::new(next);
         }
         self.snapshot_state()
@@ -780,14 +788,7 @@ impl MeshClient {
             let max_pct = state.policy.breaker.max_ejection_percent as usize;
             if (ejected + 1) * 100 <= max_pct * total || others_failing {
                 let time = ep.breaker.lock().map(|mut b| b.eject(now)).ok();
-                self.inner
-                    .metrics
-                    .ejections
-                    .get_or_create(&EndpointLabels {
-                        destination: name.to_string(),
-                        endpoint: ep.key.clone(),
-                    })
-                    .inc();
+                ep.metrics.ejected(&self.inner.metrics, name, &ep.key);
                 tracing::warn!(destination = name, endpoint = %ep.key, ejection = ?time, "endpoint ejected");
             }
         }

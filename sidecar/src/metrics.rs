@@ -2,6 +2,7 @@
 //! direction, a destination (`name.namespace`), an endpoint (`address:port`) of a known
 //! destination, a status class and a fixed error code.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -184,6 +185,11 @@ impl DestinationMetrics {
         &self.destination
     }
 
+    /// Drops the series of an endpoint that left this destination.
+    pub fn remove_endpoint(&self, endpoint: &str) {
+        self.metrics.remove_endpoint(&self.destination, endpoint);
+    }
+
     /// Counts a request answered with `status`, and `error` when the mesh made the answer.
     pub fn request(&self, status: http::StatusCode, error: &str) {
         let class = class_index(status);
@@ -237,15 +243,28 @@ impl DestinationMetrics {
     }
 }
 
-/// The metric handles of one endpoint of a destination, made on first use.
+/// The metric handles of one endpoint of a destination, made on first use. When the endpoint
+/// leaves its destination, [`Metrics::remove_endpoint`] drops its series and
+/// [`EndpointMetrics::retire`] keeps requests still in flight on it from making them again.
 #[derive(Debug, Default)]
 pub struct EndpointMetrics {
     success: OnceLock<Counter>,
     failure: OnceLock<Counter>,
+    ejections: OnceLock<Counter>,
     breaker_state: OnceLock<Gauge>,
+    retired: AtomicBool,
 }
 
 impl EndpointMetrics {
+    /// A handle from `create`, or a detached one (counted nowhere) once the endpoint left.
+    fn handle<M: Clone + Default>(&self, create: impl FnOnce() -> M) -> M {
+        if self.retired.load(Ordering::Relaxed) {
+            M::default()
+        } else {
+            create()
+        }
+    }
+
     /// Counts an attempt by its outcome as the breaker sees it.
     pub fn attempt(&self, metrics: &Metrics, destination: &str, endpoint: &str, failure: bool) {
         let (cell, outcome) = if failure {
@@ -254,29 +273,73 @@ impl EndpointMetrics {
             (&self.success, "success")
         };
         cell.get_or_init(|| {
-            metrics
-                .attempts
-                .get_or_create(&AttemptLabels {
-                    destination: destination.to_string(),
-                    endpoint: endpoint.to_string(),
-                    outcome: outcome.into(),
-                })
-                .clone()
+            self.handle(|| {
+                metrics
+                    .attempts
+                    .get_or_create(&AttemptLabels {
+                        destination: destination.to_string(),
+                        endpoint: endpoint.to_string(),
+                        outcome: outcome.into(),
+                    })
+                    .clone()
+            })
         })
         .inc();
+    }
+
+    /// Counts an ejection by the circuit breaker.
+    pub fn ejected(&self, metrics: &Metrics, destination: &str, endpoint: &str) {
+        self.ejections
+            .get_or_init(|| {
+                self.handle(|| {
+                    metrics
+                        .ejections
+                        .get_or_create(&endpoint_labels(destination, endpoint))
+                        .clone()
+                })
+            })
+            .inc();
     }
 
     /// The `endpoint_breaker_state` gauge.
     pub fn breaker_state(&self, metrics: &Metrics, destination: &str, endpoint: &str) -> &Gauge {
         self.breaker_state.get_or_init(|| {
-            metrics
-                .breaker_state
-                .get_or_create(&EndpointLabels {
-                    destination: destination.to_string(),
-                    endpoint: endpoint.to_string(),
-                })
-                .clone()
+            self.handle(|| {
+                metrics
+                    .breaker_state
+                    .get_or_create(&endpoint_labels(destination, endpoint))
+                    .clone()
+            })
         })
+    }
+
+    /// The endpoint left its destination: handles made from now on are detached.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+}
+
+fn endpoint_labels(destination: &str, endpoint: &str) -> EndpointLabels {
+    EndpointLabels {
+        destination: destination.to_string(),
+        endpoint: endpoint.to_string(),
+    }
+}
+
+impl Metrics {
+    /// Drops every series of `endpoint` of `destination` (it left the destination), so pod
+    /// churn does not grow `/metrics` and no breaker state stays frozen at its last value.
+    pub fn remove_endpoint(&self, destination: &str, endpoint: &str) {
+        for outcome in ["success", "failure"] {
+            self.attempts.remove(&AttemptLabels {
+                destination: destination.to_string(),
+                endpoint: endpoint.to_string(),
+                outcome: outcome.into(),
+            });
+        }
+        let labels = endpoint_labels(destination, endpoint);
+        self.ejections.remove(&labels);
+        self.breaker_state.remove(&labels);
     }
 }
 

@@ -144,3 +144,57 @@ async fn a_new_or_newly_ready_endpoint_gets_traffic_at_once() {
     );
     sidecar.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_series_leave_with_their_endpoint() {
+    let _serial = one_at_a_time();
+    let backends: Vec<Backend> = (1..=4)
+        .map(|i| Backend::start(&format!("b{i}"), [127, 0, 0, i]))
+        .collect();
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let d = StaticDiscovery::new();
+    d.set(snapshot("web", &spec(&addrs[..2])));
+    let sidecar = start_sidecar(d.clone()).await;
+    let proxy = sidecar.outbound_addr();
+    let client = http_client();
+    // Pod churn: the endpoint set changes ten times, every endpoint serves some requests.
+    for round in 0..10 {
+        let set = [addrs[round % 4], addrs[(round + 1) % 4]];
+        d.set(snapshot("web", &spec(&set)));
+        for _ in 0..20 {
+            assert_eq!(get(&client, proxy, "web").await.status, StatusCode::OK);
+        }
+    }
+    // The last set is endpoints 2 and 3 (round 9: 9 % 4 = 1, 10 % 4 = 2).
+    let live: Vec<String> = [addrs[1], addrs[2]].iter().map(|a| a.to_string()).collect();
+    let scrape = scrape(sidecar.admin_addr()).await;
+    for family in [
+        "sagamesh_endpoint_attempts_total",
+        "sagamesh_endpoint_breaker_state",
+        "sagamesh_endpoint_ejections_total",
+    ] {
+        let endpoints: std::collections::BTreeSet<String> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == family)
+            .filter_map(|s| s.labels.get("endpoint").map(str::to_string))
+            .collect();
+        for e in &endpoints {
+            assert!(
+                live.contains(e),
+                "{family} still has a series for {e}, which left (live: {live:?})"
+            );
+        }
+    }
+    for e in &live {
+        assert!(
+            metric(
+                &scrape,
+                "sagamesh_endpoint_attempts_total",
+                &[("endpoint", e)]
+            ) > 0.0,
+            "the live endpoint {e} keeps its series"
+        );
+    }
+    sidecar.shutdown().await;
+}
