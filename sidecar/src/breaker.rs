@@ -100,8 +100,10 @@ impl Window {
     }
 
     fn slot(&self, now: Instant, origin: Instant) -> (usize, Instant) {
-        let n = now.saturating_duration_since(origin).as_nanos() / self.bucket_len.as_nanos();
-        let start = origin + self.bucket_len * (n as u32);
+        let len = self.bucket_len.as_nanos();
+        let n = now.saturating_duration_since(origin).as_nanos() / len;
+        // n * len <= the elapsed nanoseconds, which fit u64 for 584 years.
+        let start = origin + Duration::from_nanos(u64::try_from(n * len).unwrap_or(u64::MAX));
         ((n % BUCKETS as u128) as usize, start)
     }
 
@@ -400,5 +402,24 @@ mod tests {
             b.record(false, false, Instant::now()),
             "10 requests, 5 failures"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_ratio_still_counts_after_two_to_the_32_buckets() {
+        // 1 ms buckets: bucket number 2^32 is reached after 49.7 days of uptime.
+        let c = BreakerConfig {
+            consecutive_failures: 1000,
+            failure_ratio: Some(0.5),
+            minimum_requests: 10,
+            failure_window: Duration::from_millis(10),
+            ..cfg()
+        };
+        let mut b = Breaker::new(c, Instant::now());
+        tokio::time::advance(Duration::from_secs(50 * 24 * 3600)).await;
+        let mut tripped = false;
+        for _ in 0..10 {
+            tripped |= b.record(false, false, Instant::now());
+        }
+        assert!(tripped, "10 failures in one bucket trip the ratio");
     }
 }

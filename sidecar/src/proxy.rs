@@ -336,6 +336,11 @@ impl Inbound {
         }
     }
 
+    /// Connect and idle timeouts towards the app (the defaults until set).
+    pub fn set_pool_config(&mut self, cfg: PoolConfig) {
+        self.pool_config = cfg;
+    }
+
     pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
         let start = Instant::now();
         let grpc = is_grpc(&req);

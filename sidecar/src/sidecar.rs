@@ -15,6 +15,7 @@ use crate::discovery::file::FileDiscovery;
 use crate::discovery::grpc::{GrpcDiscovery, ReconnectBackoff};
 use crate::discovery::{Discover, StaticDiscovery};
 use crate::metrics::Metrics;
+use crate::pool::PoolConfig;
 use crate::proxy::{Inbound, Limits, Outbound, serve};
 
 /// Why the sidecar could not start.
@@ -78,18 +79,17 @@ impl Sidecar {
         discover: Arc<dyn Discover>,
     ) -> Result<Self, StartError> {
         let metrics = Metrics::new();
-        let client = MeshClient::new(
-            discover,
-            ClientConfig {
-                discovery_timeout: config.discovery_timeout,
-                max_retry_body_bytes: config.max_retry_body_bytes,
-                connect_timeout: config.connect_timeout,
-                jitter: !config.no_jitter,
-                max_destinations: config.max_destinations,
-                ..ClientConfig::default()
-            },
-            metrics.clone(),
-        );
+        let client_config = ClientConfig {
+            discovery_timeout: config.discovery_timeout,
+            max_retry_body_bytes: config.max_retry_body_bytes,
+            connect_timeout: config.connect_timeout,
+            jitter: !config.no_jitter,
+            max_destinations: config.max_destinations,
+            ..ClientConfig::default()
+        };
+        // The app's connections follow the same connect and idle timeouts as endpoints'.
+        let app_pool = PoolConfig::from(&client_config);
+        let client = MeshClient::new(discover, client_config, metrics.clone());
         let limits = Limits {
             max_header_bytes: config.max_header_bytes,
             max_body_bytes: config.max_body_bytes,
@@ -139,6 +139,7 @@ impl Sidecar {
                 limits.clone(),
             );
             inbound.otlp = otlp.clone();
+            inbound.set_pool_config(app_pool);
             proxies.push(tokio::spawn(serve(
                 listener,
                 limits.clone(),

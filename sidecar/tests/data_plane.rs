@@ -1130,3 +1130,41 @@ async fn max_ejection_percent_caps_ejections_while_one_endpoint_is_healthy() {
     );
     sidecar.shutdown().await;
 }
+
+/// A listener on 127.0.0.1 whose accept queue is full: further connects hang (their SYNs are
+/// dropped), as to an app that has stopped accepting. Returns the port and what must stay
+/// alive.
+fn unanswering_listener() -> (u16, tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    // Fill the accept queue (backlog 1 holds two), never accepting.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            held.push(s);
+        }
+    }
+    (addr.port(), listener, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_connects_to_the_app_with_the_configured_timeout() {
+    let (port, _listener, _held) = unanswering_listener();
+    let mut config = Config::local_test();
+    config.app_port = Some(port);
+    config.connect_timeout = Duration::from_millis(300);
+    let sidecar = start_sidecar_with(config, StaticDiscovery::new()).await;
+    let inbound = sidecar.inbound_addr().expect("inbound listener");
+    let g = get(&http_client(), inbound, "anything").await;
+    assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE, "{g:?}");
+    assert_eq!(g.error(), Some("connect-failure"));
+    assert!(
+        g.body.contains("timed out after 300ms"),
+        "the inbound used the configured 300 ms connect timeout: {g:?}"
+    );
+    sidecar.shutdown().await;
+}
