@@ -31,8 +31,7 @@ use crate::discovery::{Discover, Resolution};
 use crate::endpoint::{Endpoint, InFlight};
 use crate::error::MeshError;
 use crate::metrics::{
-    DestinationLabels, DestinationMetrics, EndpointLabels, Metrics, RequestLabels, ServiceLabels,
-    status_class,
+    DestinationLabels, DestinationMetrics, Metrics, RequestLabels, ServiceLabels, status_class,
 };
 use crate::name::{PortRef, ServiceKey, Target};
 use crate::policy::{RetryConfig, ServicePolicy};

@@ -234,13 +234,19 @@ mod tests {
         let mut e = PeakEwma::new(DEFAULT_RTT, DEFAULT_DECAY, Instant::now());
         assert!(e.is_stale(Instant::now()), "no sample yet");
         e.observe(Duration::from_millis(1), Instant::now());
-        assert!((e.estimate(Instant::now()) - 1e6).abs() < 1.0, "the prior is replaced");
+        assert!(
+            (e.estimate(Instant::now()) - 1e6).abs() < 1.0,
+            "the prior is replaced"
+        );
         assert!(!e.is_stale(Instant::now()));
         e.observe(Duration::from_millis(40), Instant::now());
         tokio::time::advance(STALE_AFTER).await;
         assert!(e.is_stale(Instant::now()));
         e.observe(Duration::from_millis(2), Instant::now());
-        assert!((e.estimate(Instant::now()) - 2e6).abs() < 1.0, "a stale peak is replaced");
+        assert!(
+            (e.estimate(Instant::now()) - 2e6).abs() < 1.0,
+            "a stale peak is replaced"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -254,7 +260,10 @@ mod tests {
         ));
         assert_eq!(ep.ewma_cost(Instant::now()), 0.0, "never measured");
         let busy = ep.track();
-        assert!(ep.ewma_cost(Instant::now()) > 0.0, "its one request is in flight");
+        assert!(
+            ep.ewma_cost(Instant::now()) > 0.0,
+            "its one request is in flight"
+        );
         drop(busy);
         ep.observe_rtt(Duration::from_millis(3));
         assert!(ep.ewma_cost(Instant::now()) > 0.0, "fresh");

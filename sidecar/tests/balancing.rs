@@ -137,7 +137,10 @@ async fn a_new_or_newly_ready_endpoint_gets_traffic_at_once() {
     d.set(snap);
     let (n, took) = until_hit(proxy, &backends[2]).await;
     eprintln!("newly Ready endpoint: first request after {n} requests, {took:?}");
-    assert!(n <= 10, "the Ready endpoint got its first request after {n}");
+    assert!(
+        n <= 10,
+        "the Ready endpoint got its first request after {n}"
+    );
     assert!(
         took < Duration::from_millis(100),
         "the Ready endpoint got its first request after {took:?}"
