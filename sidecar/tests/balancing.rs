@@ -13,10 +13,10 @@ use sagamesh_sidecar::discovery::StaticDiscovery;
 
 /// The tests of this file run one at a time: shares measured while another test's traffic
 /// competes for the two cores would measure the machine, not the balancer.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().await
 }
 
 /// Sends `total` GETs to `web` from `workers` concurrent clients, returns the share per backend.
@@ -60,7 +60,7 @@ fn assert_within_quarter_of_equal(t: &std::collections::HashMap<String, usize>, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_spreads_equal_backends_within_a_quarter_of_equal_shares() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let backends = [
         Backend::start("a", [127, 0, 0, 1]),
         Backend::start("b", [127, 0, 0, 2]),
@@ -99,7 +99,7 @@ async fn until_hit(proxy: SocketAddr, backend: &Backend) -> (usize, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_or_newly_ready_endpoint_gets_traffic_at_once() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let backends = [
         Backend::start("a", [127, 0, 0, 1]),
         Backend::start("b", [127, 0, 0, 2]),
@@ -150,7 +150,7 @@ async fn a_new_or_newly_ready_endpoint_gets_traffic_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_series_leave_with_their_endpoint() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let backends: Vec<Backend> = (1..=4)
         .map(|i| Backend::start(&format!("b{i}"), [127, 0, 0, i]))
         .collect();
