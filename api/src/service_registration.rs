@@ -360,3 +360,13 @@ pub struct ServiceRegistrationStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_name_rule_is_the_service_name_pattern() {
+        assert!(NAME_RULE.contains(&format!("'{SERVICE_NAME_PATTERN}'")));
+    }
+}

@@ -272,6 +272,11 @@ pub fn invalid_registrations() -> Vec<Invalid> {
             expect: &["metadata.name", "must be a DNS label without dots"],
         },
         Invalid {
+            what: "a registration name starting with a digit (no Service name)",
+            manifest: set(base(), "/metadata/name", json!("1catalog")),
+            expect: &["metadata.name must be a DNS label without dots"],
+        },
+        Invalid {
             what: "a selector label value with a space",
             manifest: set(
                 remove(base(), "/spec", "endpoints"),
