@@ -106,13 +106,18 @@ pub struct HttpCall {
     #[serde(default)]
     pub method: HttpMethod,
     /// Request path, starting with `/`, with optional query (e.g. `/orders/{{ input.orderId }}`).
+    /// Outside templates only what an HTTP request target may hold: letters, digits,
+    /// `-._~!$&'()*+,;=:@/?` and `%XX` escapes (no spaces, `#`, or non-ASCII: percent-encode them).
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("path must start with '/'"))]
+    #[x_kube(validation = Rule::new(PATH_RULE).message(PATH_MESSAGE))]
     pub path: String,
-    /// Extra request headers (values may hold templates). Names are unique.
+    /// Extra request headers (values may hold templates). Names are unique, regardless of case.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[x_kube(validation = Rule::new("self.all(h, self.exists_one(g, g.name.lowerAscii() == h.name.lowerAscii()))")
+        .message("header names must be unique regardless of case: HTTP header names are case-insensitive"))]
     pub headers: Option<Vec<HttpHeader>>,
     /// Request body, any JSON value; string values may hold templates. Sent as
     /// `application/json`.
@@ -121,20 +126,34 @@ pub struct HttpCall {
     pub body: Option<serde_json::Value>,
 }
 
+/// The path rule: RFC 3986 `pchar`, `/`, `?` or `%XX`, or a whole `{{ expression }}` template
+/// (an expression is a dotted path with `[index]`es, see saga/src/template.rs; its value is
+/// percent-encoded when the path is rendered). The leading `/` is the rule before it, so a path
+/// without one gets one message.
+const PATH_RULE: &str = r#"self.matches("^([-A-Za-z0-9._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2}|\\{\\{[ \\t]*[-A-Za-z0-9_.\\[\\]]+[ \\t]*\\}\\})*$")"#;
+const PATH_MESSAGE: &str = "path must hold only what is valid in an HTTP request target: \
+                            letters, digits, -._~!$&'()*+,;=:@/? and %XX escapes (percent-encode \
+                            spaces, '#', '%' and non-ASCII), plus {{ ... }} templates";
+
 /// One request header of a saga call.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[x_kube(validation = Rule::new("!(self.name.lowerAscii() in ['host', 'content-length', 'transfer-encoding', 'connection', 'idempotency-key', 'traceparent', 'tracestate'])")
-    .message("header must not be Host, Content-Length, Transfer-Encoding, Connection, Idempotency-Key, traceparent or tracestate: Sagamesh sets those").field_path(".name"))]
+#[x_kube(validation = Rule::new("!(self.name.lowerAscii() in ['host', 'content-length', 'idempotency-key', 'traceparent', 'tracestate', 'connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade']) && !self.name.lowerAscii().startsWith('proxy-')")
+    .message("header must not be Host, Content-Length, Idempotency-Key, traceparent or tracestate (Sagamesh sets those), nor a hop-by-hop or upgrade header (Connection, Keep-Alive, Proxy-*, TE, Trailer, Transfer-Encoding, Upgrade)").field_path(".name"))]
 #[serde(rename_all = "camelCase")]
 pub struct HttpHeader {
-    /// Header name (an HTTP token such as `X-Tenant`).
+    /// Header name (an HTTP token such as `X-Tenant`). Not one Sagamesh sets (`Host`,
+    /// `Content-Length`, `Idempotency-Key`, `traceparent`, `tracestate`), nor a hop-by-hop or
+    /// upgrade header (`Connection`, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`,
+    /// `Transfer-Encoding`, `Upgrade`).
     #[schemars(
         regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"),
-        length(min = 1, max = 256)
+        length(min = 1, max = 128)
     )]
     pub name: String,
-    /// Header value; may hold templates.
+    /// Header value; may hold templates. No CR, LF or NUL (they would end the header).
     #[schemars(length(max = 4096))]
+    #[x_kube(validation = Rule::new(r"!self.contains('\r') && !self.contains('\n') && !self.contains('\x00')")
+        .message("header value must not contain CR, LF or NUL: they would end the header"))]
     pub value: String,
 }
 
@@ -152,6 +171,8 @@ pub enum HttpMethod {
 
 /// Retries of a step's action.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!has(self.backoff) || !has(self.maxBackoff) || duration(self.backoff) <= duration(self.maxBackoff)")
+    .message("retry.backoff must not exceed retry.maxBackoff").field_path(".backoff"))]
 #[serde(rename_all = "camelCase")]
 pub struct StepRetry {
     /// Total attempts including the first (>= 1). Default 3.

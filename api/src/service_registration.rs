@@ -13,6 +13,27 @@ use crate::duration::{duration_schema, optional_duration_schema};
 /// DNS-1035 label: what a Kubernetes Service name must look like.
 pub const SERVICE_NAME_PATTERN: &str = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$";
 
+/// A ServiceRegistration's name is what callers address (`name` or `name.namespace`), so it is a
+/// Service name without dots: `catalog.v2` would read as service `catalog` in namespace `v2`.
+const NAME_RULE: &str = "self.metadata.name.matches('^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$')";
+const NAME_MESSAGE: &str = "metadata.name must be a DNS label without dots (lowercase letters, \
+                            digits and '-', starting with a letter, at most 63): callers address \
+                            a service as name or name.namespace";
+
+/// A label key: an optional DNS-subdomain prefix (at most 253) and `/`, then a name of at most
+/// 63 alphanumerics, `-`, `_` and `.`, starting and ending with an alphanumeric.
+const SELECTOR_KEY_RULE: &str = r#"self.all(k, k.matches("^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$") && k.indexOf('/') <= 253)"#;
+const SELECTOR_KEY_MESSAGE: &str = "spec.selector keys must be label keys: an optional DNS \
+                                    subdomain prefix and '/', then at most 63 alphanumerics, \
+                                    '-', '_' or '.', starting and ending with an alphanumeric";
+/// A label value: empty, or at most 63 alphanumerics, `-`, `_` and `.`, starting and ending with
+/// an alphanumeric (the length is the schema's `maxLength`).
+const SELECTOR_VALUE_RULE: &str =
+    "self.all(k, self[k].matches('^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$'))";
+const SELECTOR_VALUE_MESSAGE: &str = "spec.selector values must be label values: empty, or at \
+                                      most 63 alphanumerics, '-', '_' or '.', starting and \
+                                      ending with an alphanumeric";
+
 /// Spec of a ServiceRegistration: where a service's endpoints come from and the policy every
 /// caller's sidecar applies when it sends requests to it.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -33,7 +54,8 @@ pub const SERVICE_NAME_PATTERN: &str = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$";
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyEndpoints","description":"Ready endpoints"}"#,
     printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.totalEndpoints","description":"All known endpoints"}"#,
     printcolumn = r#"{"name":"Policy","type":"string","jsonPath":".spec.loadBalancer.policy","description":"Load-balancing policy"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new(NAME_RULE).message(NAME_MESSAGE)
 )]
 #[x_kube(validation = Rule::new("has(self.selector) != has(self.endpoints)")
     .message("exactly one of spec.selector and spec.endpoints must be set: selector for pods in the cluster, endpoints for explicit addresses"))]
@@ -44,15 +66,19 @@ pub struct ServiceRegistrationSpec {
     /// Labels selecting the service's pods in this namespace. Pods that are Ready and have an IP
     /// become endpoints, at each port's `targetPort`. If a Service of the same name exists, its
     /// EndpointSlices are used instead of pods. Mutually exclusive with `endpoints`.
+    /// Keys and values follow Kubernetes label syntax.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(extend("maxProperties" = 32, "additionalProperties" = { "type": "string", "maxLength": 63 }))]
     #[x_kube(validation = Rule::new("size(self) > 0").message("spec.selector must not be empty: an empty selector would match every pod"))]
+    #[x_kube(validation = Rule::new(SELECTOR_KEY_RULE).message(SELECTOR_KEY_MESSAGE))]
+    #[x_kube(validation = Rule::new(SELECTOR_VALUE_RULE).message(SELECTOR_VALUE_MESSAGE))]
     pub selector: Option<BTreeMap<String, String>>,
 
     /// Explicit endpoints, for workloads outside the cluster and for local mode. Mutually
-    /// exclusive with `selector`.
+    /// exclusive with `selector`. Each address and port appears once (a list keyed by both).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["address", "port"]))]
     pub endpoints: Option<Vec<ExplicitEndpoint>>,
 
     /// The ports the service is called on. Callers address `name:port`; the first port is used
@@ -333,4 +359,14 @@ pub struct ServiceRegistrationStatus {
     /// (the endpoint source could be read), with reasons such as `NoMatchingPods`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_name_rule_is_the_service_name_pattern() {
+        assert!(NAME_RULE.contains(&format!("'{SERVICE_NAME_PATTERN}'")));
+    }
 }

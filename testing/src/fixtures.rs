@@ -51,7 +51,7 @@ pub fn full_registration_with_selector() -> Value {
     spec.remove("endpoints");
     spec.insert(
         "selector".into(),
-        json!({ "app": "orders", "tier": "backend" }),
+        json!({ "app": "orders", "tier": "backend", "app.kubernetes.io/part-of": "shop_v1.2" }),
     );
     value
 }
@@ -94,7 +94,8 @@ pub fn full_saga() -> Value {
                 },
                 {
                     "name": "notify",
-                    "action": { "service": "users", "method": "GET", "path": "/users/42" }
+                    "action": { "service": "users", "method": "GET",
+                                "path": "/users/42?fields=name%2Cemail;v=1&tag=a:b@c~d!$'()*+,=" }
                 }
             ]
         }
@@ -265,12 +266,58 @@ pub fn invalid_registrations() -> Vec<Invalid> {
             ),
             expect: &["spec.selector must not be empty"],
         },
+        Invalid {
+            what: "a registration name with a dot (reads as service.namespace to callers)",
+            manifest: set(base(), "/metadata/name", json!("catalog.v2")),
+            expect: &["metadata.name", "must be a DNS label without dots"],
+        },
+        Invalid {
+            what: "a registration name starting with a digit (no Service name)",
+            manifest: set(base(), "/metadata/name", json!("1catalog")),
+            expect: &["metadata.name must be a DNS label without dots"],
+        },
+        Invalid {
+            what: "a selector label value with a space",
+            manifest: set(
+                remove(base(), "/spec", "endpoints"),
+                "/spec/selector",
+                json!({ "app": "orders", "tier": "back end" }),
+            ),
+            expect: &["spec.selector", "values must be label values"],
+        },
+        Invalid {
+            what: "a selector label value longer than 63 characters",
+            manifest: set(
+                remove(base(), "/spec", "endpoints"),
+                "/spec/selector",
+                json!({ "app": "o".repeat(64) }),
+            ),
+            expect: &["spec.selector.app", "Too long"],
+        },
+        Invalid {
+            what: "a selector label key that is no label key",
+            manifest: set(
+                remove(base(), "/spec", "endpoints"),
+                "/spec/selector",
+                json!({ "app": "orders", "-tier?": "backend" }),
+            ),
+            expect: &["spec.selector", "keys must be label keys"],
+        },
+        Invalid {
+            what: "the same endpoint address and port twice",
+            manifest: set(
+                base(),
+                "/spec/endpoints/1",
+                json!({ "address": "127.0.0.1", "port": 9001, "weight": 5 }),
+            ),
+            expect: &["spec.endpoints[1]", "Duplicate value"],
+        },
     ]
 }
 
 pub fn invalid_sagas() -> Vec<Invalid> {
     let base = full_saga;
-    vec![
+    let mut cases = vec![
         Invalid {
             what: "duplicate step names",
             manifest: set(base(), "/spec/steps/2/name", json!("create-order")),
@@ -344,5 +391,101 @@ pub fn invalid_sagas() -> Vec<Invalid> {
             manifest: remove(base(), "/spec/steps/3", "action"),
             expect: &["spec.steps[3].action", "Required value"],
         },
-    ]
+        Invalid {
+            what: "a header value with CR LF (header injection)",
+            manifest: set(
+                base(),
+                "/spec/steps/0/action/headers/0/value",
+                json!("shop\r\nX-Injected: yes"),
+            ),
+            expect: &[
+                "spec.steps[0].action.headers[0].value",
+                "must not contain CR, LF or NUL",
+            ],
+        },
+        Invalid {
+            what: "a header value with a bare LF",
+            manifest: set(
+                base(),
+                "/spec/steps/0/action/headers/0/value",
+                json!("shop\nX-Injected: yes"),
+            ),
+            expect: &[
+                "spec.steps[0].action.headers[0].value",
+                "must not contain CR, LF or NUL",
+            ],
+        },
+        Invalid {
+            what: "two headers whose names differ only in case",
+            manifest: set(
+                base(),
+                "/spec/steps/0/action/headers/1/name",
+                json!("x-tenant"),
+            ),
+            expect: &[
+                "spec.steps[0].action.headers",
+                "header names must be unique regardless of case",
+            ],
+        },
+        Invalid {
+            what: "a step retry backoff larger than its maxBackoff",
+            manifest: set(base(), "/spec/steps/0/retry/backoff", json!("5s")),
+            expect: &[
+                "spec.steps[0].retry.backoff",
+                "must not exceed retry.maxBackoff",
+            ],
+        },
+    ];
+    for name in HOP_BY_HOP_HEADERS {
+        cases.push(Invalid {
+            what: name,
+            manifest: set(
+                base(),
+                "/spec/steps/0/compensation/headers",
+                json!([{ "name": name, "value": "x" }]),
+            ),
+            expect: &["spec.steps[0].compensation.headers[0].name", "hop-by-hop"],
+        });
+    }
+    for (what, path) in BAD_PATHS {
+        cases.push(Invalid {
+            what,
+            manifest: set(base(), "/spec/steps/1/action/path", json!(path)),
+            expect: &[
+                "spec.steps[1].action.path",
+                "valid in an HTTP request target",
+            ],
+        });
+    }
+    cases
 }
+
+/// Hop-by-hop and upgrade headers (one per case, spelt as users would): a saga call must not
+/// set them, the proxy between the saga runner and the service owns the connection.
+const HOP_BY_HOP_HEADERS: [&str; 7] = [
+    "Upgrade",
+    "Keep-Alive",
+    "TE",
+    "Trailer",
+    "Proxy-Authorization",
+    "proxy-connection",
+    "CONNECTION",
+];
+
+/// Paths with bytes that are not valid in an origin-form request target (RFC 3986 pchar, '/',
+/// '?' and %XX), outside `{{ ... }}` templates.
+const BAD_PATHS: [(&str, &str); 7] = [
+    ("a path with a space", "/orders/ 1"),
+    (
+        "a path with CR LF (request splitting)",
+        "/orders/1 HTTP/1.1\r\nHost: evil",
+    ),
+    ("a path with a fragment", "/orders#fragment"),
+    ("a path with non-ASCII letters", "/orders/\u{e9}t\u{e9}"),
+    ("a path with a broken %-escape", "/orders/%zz"),
+    ("a path with '<' and '>'", "/orders/<1>"),
+    (
+        "a path with a brace outside a template",
+        "/orders/{{ input.orderId }}/{x}",
+    ),
+];
