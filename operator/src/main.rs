@@ -286,18 +286,19 @@ async fn main() -> anyhow::Result<()> {
         },
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let operator = tokio::spawn(runtime::run(client, settings, stop_rx));
-    tokio::select! {
+    let mut operator = tokio::spawn(runtime::run(client, settings, stop_rx));
+    let ended = tokio::select! {
         r = shutdown_signal() => {
             r?;
             tracing::info!("shutting down");
             stop_tx.send_replace(true);
+            operator.await
         }
-        // Ended on its own: only on an error.
-        _ = std::future::pending::<()>() => {}
-    }
-    operator
-        .await
+        // Ends on its own only when a part of it failed (or could not start): the process
+        // must then exit non-zero rather than stay up doing nothing.
+        ended = &mut operator => ended,
+    };
+    ended
         .context("operator task panicked")?
         .context("operator failed")
 }

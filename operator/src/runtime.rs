@@ -8,10 +8,12 @@
 //! kube-runtime 5. `applier` is the stable function `Controller::run` is built on: same
 //! scheduler, deduplication and per-object serialisation, with our own queue.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -26,6 +28,7 @@ use sagamesh_api::ServiceRegistration;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::admin::{self, AdminState};
@@ -62,8 +65,134 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("discovery gRPC server: {0}")]
-    Discovery(#[from] tonic::transport::Error),
+    /// A part that runs for the life of the operator failed, panicked or ended.
+    #[error("the {part} {reason}")]
+    Part { part: &'static str, reason: String },
+}
+
+/// How long the parts get to finish after shutdown (releasing the Lease, draining servers)
+/// before they are aborted.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+/// Runs the operator's parts, each meant to run until shutdown: the first one that fails,
+/// panics or ends on its own stops all of them, and [`Supervisor::run`] returns an error naming
+/// it. A replica with a dead part must not stay up reporting ready.
+pub(crate) struct Supervisor {
+    tasks: JoinSet<Result<(), String>>,
+    names: HashMap<tokio::task::Id, &'static str>,
+    stop_tx: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Supervisor {
+    pub(crate) fn new() -> Self {
+        let (stop_tx, stop) = watch::channel(false);
+        Supervisor {
+            tasks: JoinSet::new(),
+            names: HashMap::new(),
+            stop_tx,
+            stop,
+        }
+    }
+
+    /// Turns `true` when the parts are to stop.
+    pub(crate) fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.clone()
+    }
+
+    /// A part that watches [`Supervisor::stop_signal`] and ends by itself when it turns true.
+    pub(crate) fn spawn<E: std::fmt::Display>(
+        &mut self,
+        part: &'static str,
+        task: impl Future<Output = Result<(), E>> + Send + 'static,
+    ) {
+        let handle = self
+            .tasks
+            .spawn(async move { task.await.map_err(|e| e.to_string()) });
+        self.names.insert(handle.id(), part);
+    }
+
+    /// A part with no shutdown of its own: dropped when the stop signal turns true.
+    pub(crate) fn spawn_until_stop(
+        &mut self,
+        part: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let mut stop = self.stop.clone();
+        self.spawn(part, async move {
+            tokio::select! {
+                () = task => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            Ok::<_, std::convert::Infallible>(())
+        });
+    }
+
+    /// Supervises until `external_shutdown` turns true (or its sender goes: `Ok`) or a part
+    /// stops early (`Err` naming it); then stops every part and waits for them, at most
+    /// [`SHUTDOWN_GRACE`].
+    pub(crate) async fn run(
+        self,
+        mut external_shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let Supervisor {
+            mut tasks,
+            names,
+            stop_tx,
+            stop: _,
+        } = self;
+        let part = |id| names.get(&id).copied().unwrap_or("unnamed task");
+        let joined = tokio::select! {
+            _ = external_shutdown.wait_for(|s| *s) => None,
+            joined = tasks.join_next_with_id() => joined,
+        };
+        let outcome = match joined {
+            // Shutdown asked for (or no part at all).
+            None => Ok(()),
+            Some(joined) => {
+                let (id, reason) = match joined {
+                    Ok((id, Ok(()))) => (id, "ended while it should run".to_string()),
+                    Ok((id, Err(e))) => (id, format!("failed: {e}")),
+                    Err(e) if e.is_panic() => (
+                        e.id(),
+                        format!("panicked: {}", panic_message(e.into_panic())),
+                    ),
+                    Err(e) => (e.id(), format!("was cancelled: {e}")),
+                };
+                let part = part(id);
+                tracing::error!(part, %reason, "an operator part stopped; shutting down");
+                Err(Error::Part { part, reason })
+            }
+        };
+        stop_tx.send_replace(true);
+        let drain = async {
+            while let Some(joined) = tasks.join_next_with_id().await {
+                match joined {
+                    Ok((_, Ok(()))) => {}
+                    Ok((id, Err(e))) => {
+                        tracing::warn!(part = part(id), error = %e, "failed while shutting down")
+                    }
+                    Err(e) if e.is_panic() => {
+                        tracing::warn!(part = part(e.id()), "panicked while shutting down")
+                    }
+                    Err(_) => {}
+                }
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "parts still running after the shutdown grace; aborting them");
+            tasks.shutdown().await;
+        }
+        outcome
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -134,18 +263,11 @@ fn reflect(
 pub async fn run(
     client: Client,
     settings: Settings,
-    mut external_shutdown: watch::Receiver<bool>,
+    external_shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    // Our own stop signal: the caller's shutdown, or the discovery server failing.
-    let (stop_tx, shutdown) = watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
-    {
-        let stop_tx = stop_tx.clone();
-        tokio::spawn(async move {
-            let _ = external_shutdown.wait_for(|s| *s).await;
-            stop_tx.send_replace(true);
-        });
-    }
+    // Every part stops on `shutdown`: the caller's shutdown, or any part stopping early.
+    let mut parts = Supervisor::new();
+    let shutdown = parts.stop_signal();
     let metrics = Arc::new(Metrics::default());
     let (index, triggers) = SharedIndex::new();
 
@@ -156,6 +278,10 @@ pub async fn run(
     };
     let discovery_listener = bind("discovery", settings.discovery_addr).await?;
     let admin_listener = bind("admin", settings.admin_addr).await?;
+    let webhook_listener = match &settings.webhook {
+        Some(webhook) => Some(bind("webhook", webhook.addr).await?),
+        None => None,
+    };
     tracing::info!(
         discovery = %settings.discovery_addr,
         admin = %settings.admin_addr,
@@ -171,28 +297,38 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     );
+    // Ends after shutdown, once the Lease is released.
+    parts.spawn("leader election", async move {
+        leader_task.await.map_err(|e| match e.try_into_panic() {
+            Ok(payload) => format!("panicked: {}", panic_message(payload)),
+            Err(e) => e.to_string(),
+        })
+    });
 
     // Watches → index.
     let ns = settings.watch_namespace.as_deref();
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(feed_index::<Pod, _>(
-        "Pod",
-        watch_kind::<Pod>(&client, ns),
-        index.clone(),
-        |_| {},
-    ));
-    tasks.spawn(feed_index::<Service, _>(
-        "Service",
-        watch_kind::<Service>(&client, ns),
-        index.clone(),
-        |_| {},
-    ));
-    tasks.spawn(feed_index::<EndpointSlice, _>(
-        "EndpointSlice",
-        watch_kind::<EndpointSlice>(&client, ns),
-        index.clone(),
-        |_| {},
-    ));
+    parts.spawn_until_stop(
+        "Pod watcher",
+        feed_index::<Pod, _>("Pod", watch_kind::<Pod>(&client, ns), index.clone(), |_| {}),
+    );
+    parts.spawn_until_stop(
+        "Service watcher",
+        feed_index::<Service, _>(
+            "Service",
+            watch_kind::<Service>(&client, ns),
+            index.clone(),
+            |_| {},
+        ),
+    );
+    parts.spawn_until_stop(
+        "EndpointSlice watcher",
+        feed_index::<EndpointSlice, _>(
+            "EndpointSlice",
+            watch_kind::<EndpointSlice>(&client, ns),
+            index.clone(),
+            |_| {},
+        ),
+    );
     let (store, writer) = reflector::store::<ServiceRegistration>();
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -209,18 +345,21 @@ pub async fn run(
     ));
     {
         let ctx = ctx.clone();
-        tasks.spawn(feed_index::<ServiceRegistration, _>(
-            "ServiceRegistration",
-            reflect(writer, watch_kind::<ServiceRegistration>(&client, ns)),
-            index.clone(),
-            move |obj| {
-                reconcile::forget(
-                    &ctx,
-                    &obj.metadata.namespace.clone().unwrap_or_default(),
-                    &obj.metadata.name.clone().unwrap_or_default(),
-                )
-            },
-        ));
+        parts.spawn_until_stop(
+            "ServiceRegistration watcher",
+            feed_index::<ServiceRegistration, _>(
+                "ServiceRegistration",
+                reflect(writer, watch_kind::<ServiceRegistration>(&client, ns)),
+                index.clone(),
+                move |obj| {
+                    reconcile::forget(
+                        &ctx,
+                        &obj.metadata.namespace.clone().unwrap_or_default(),
+                        &obj.metadata.name.clone().unwrap_or_default(),
+                    )
+                },
+            ),
+        );
     }
 
     // Reconciler queue: the index's summary changes, plus everything whenever this replica
@@ -230,7 +369,7 @@ pub async fn run(
     {
         let requeue_tx = requeue_tx.clone();
         let mut triggers = triggers;
-        tasks.spawn(async move {
+        parts.spawn_until_stop("index trigger forwarder", async move {
             while let Some((ns, name)) = triggers.recv().await {
                 if requeue_tx.send(ObjectRef::new(&name).within(&ns)).is_err() {
                     return;
@@ -242,7 +381,7 @@ pub async fn run(
         let mut leader = leader.clone();
         let store = store.clone();
         let mut ready = index.ready();
-        tasks.spawn(async move {
+        parts.spawn_until_stop("leader requeue", async move {
             if ready.wait_for(|r| *r).await.is_err() {
                 return;
             }
@@ -266,10 +405,10 @@ pub async fn run(
         let store = store.clone();
         let mut ready = index.ready();
         let mut stop = shutdown.clone();
-        tasks.spawn(async move {
+        parts.spawn("reconciler", async move {
             // Statuses are computed from a complete index only.
             if ready.wait_for(|r| *r).await.is_err() {
-                return;
+                return Err("index gone before its initial sync");
             }
             let queue = UnboundedReceiverStream::new(requeue_rx).map(Ok::<_, Infallible>);
             let applied = applier(
@@ -289,6 +428,7 @@ pub async fn run(
                 _ = applied => {}
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => {}
             }
+            Ok(())
         });
     }
 
@@ -298,7 +438,7 @@ pub async fn run(
             controller: settings.controller_name.clone(),
             instance: Some(settings.lease.identity.clone()),
         };
-        tasks.spawn(crate::sagas::run(
+        let sagas = crate::sagas::run(
             client.clone(),
             index.clone(),
             // Sagas run only with a complete index: right after a (re)start the Lease may be
@@ -309,34 +449,132 @@ pub async fn run(
             metrics.saga.clone(),
             settings.watch_namespace.clone(),
             shutdown.clone(),
-        ));
+        );
+        parts.spawn("saga controller", async move {
+            sagas.await;
+            Ok::<_, std::convert::Infallible>(())
+        });
     }
     // The sidecar-injection webhook (every replica serves it).
-    if let Some(webhook) = settings.webhook.clone() {
-        let (client, shutdown) = (client.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            if let Err(e) = crate::webhook::run(client, webhook, shutdown).await {
-                tracing::error!(error = %e, "the sidecar-injection webhook stopped");
-            }
-        });
+    if let (Some(webhook), Some(listener)) = (settings.webhook.clone(), webhook_listener) {
+        parts.spawn(
+            "sidecar-injection webhook",
+            crate::webhook::run(client.clone(), webhook, listener, shutdown.clone()),
+        );
     }
 
     // Servers.
-    tasks.spawn(admin::serve(
+    let admin = admin::serve(
         admin_listener,
         AdminState {
             metrics: metrics.clone(),
             ready: index.ready(),
         },
         shutdown.clone(),
-    ));
+    );
+    parts.spawn("admin server", async move {
+        admin.await;
+        Ok::<_, std::convert::Infallible>(())
+    });
     let service = DiscoveryService::new(Arc::new(index.clone()), metrics.clone(), shutdown.clone());
-    let result = discovery::serve(discovery_listener, service, shutdown.clone()).await;
+    parts.spawn(
+        "discovery server",
+        discovery::serve(discovery_listener, service, shutdown.clone()),
+    );
+    parts.run(external_shutdown).await
+}
 
-    // The discovery server returns on shutdown (or failure): stop the rest.
-    stop_tx.send_replace(true);
-    tasks.abort_all();
-    // Release the Lease (bounded inside the task).
-    let _ = leader_task.await;
-    result.map_err(Error::from)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A healthy part: runs until the stop signal, then reports that it saw it.
+    fn healthy(parts: &mut Supervisor) -> tokio::sync::oneshot::Receiver<()> {
+        let (saw_stop, rx) = tokio::sync::oneshot::channel();
+        let mut stop = parts.stop_signal();
+        parts.spawn("healthy part", async move {
+            let _ = stop.wait_for(|s| *s).await;
+            let _ = saw_stop.send(());
+            Ok::<_, String>(())
+        });
+        rx
+    }
+
+    async fn run_with(bad: impl FnOnce(&mut Supervisor)) -> (Result<(), Error>, bool) {
+        let mut parts = Supervisor::new();
+        let saw_stop = healthy(&mut parts);
+        bad(&mut parts);
+        let (_keep, external) = watch::channel(false);
+        let result = tokio::time::timeout(Duration::from_secs(10), parts.run(external))
+            .await
+            .expect("the supervisor returns in time");
+        (result, saw_stop.await.is_ok())
+    }
+
+    fn part_and_reason(result: Result<(), Error>) -> (&'static str, String) {
+        match result {
+            Err(Error::Part { part, reason }) => (part, reason),
+            other => panic!("expected a part error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_part_stops_all_and_is_named() {
+        let (result, stopped) = run_with(|parts| {
+            parts.spawn("Pod watcher", async {
+                tokio::task::yield_now().await;
+                panic!("boom");
+                #[allow(unreachable_code)]
+                Ok::<_, String>(())
+            })
+        })
+        .await;
+        let (part, reason) = part_and_reason(result);
+        assert_eq!(part, "Pod watcher");
+        assert!(
+            reason.contains("panicked") && reason.contains("boom"),
+            "{reason}"
+        );
+        assert!(stopped, "the healthy part was told to stop");
+    }
+
+    #[tokio::test]
+    async fn a_failing_part_stops_all_and_is_named() {
+        let (result, stopped) = run_with(|parts| {
+            parts.spawn("sidecar-injection webhook", async {
+                Err::<(), _>("no certificate".to_string())
+            })
+        })
+        .await;
+        let (part, reason) = part_and_reason(result);
+        assert_eq!(part, "sidecar-injection webhook");
+        assert!(reason.contains("no certificate"), "{reason}");
+        assert!(stopped);
+    }
+
+    #[tokio::test]
+    async fn a_part_ending_early_stops_all_and_is_named() {
+        let (result, stopped) =
+            run_with(|parts| parts.spawn_until_stop("index trigger forwarder", async {})).await;
+        let (part, reason) = part_and_reason(result);
+        assert_eq!(part, "index trigger forwarder");
+        assert!(reason.contains("ended"), "{reason}");
+        assert!(stopped);
+    }
+
+    #[tokio::test]
+    async fn external_shutdown_stops_all_cleanly() {
+        let mut parts = Supervisor::new();
+        let saw_stop = healthy(&mut parts);
+        parts.spawn_until_stop("forever", std::future::pending());
+        let (tx, external) = watch::channel(false);
+        let run = tokio::spawn(parts.run(external));
+        tx.send_replace(true);
+        let result = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("in time")
+            .expect("no panic");
+        assert!(result.is_ok(), "{result:?}");
+        assert!(saw_stop.await.is_ok());
+    }
 }

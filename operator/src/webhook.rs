@@ -76,10 +76,12 @@ async fn current_cert(
     }
 }
 
-/// Serves the webhook until `shutdown` turns true.
+/// Serves the webhook on `listener` (bound at start-up, so a taken address fails the start)
+/// until `shutdown` turns true.
 pub async fn run(
     client: Client,
     settings: WebhookSettings,
+    listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
     // The certificate first: without it there is nothing to serve.
@@ -98,9 +100,6 @@ pub async fn run(
         }
     };
     let tls = TlsHandle::new(certs::server_config(&cert).map_err(|e| e.to_string())?);
-    let listener = TcpListener::bind(settings.addr)
-        .await
-        .map_err(|e| format!("binding the webhook on {}: {e}", settings.addr))?;
     tracing::info!(addr = %settings.addr, configuration = %settings.configuration, "sidecar-injection webhook serving");
     let rotate = {
         let (client, settings, tls, mut shutdown) = (

@@ -2,7 +2,9 @@
 //!
 //! Each write appends one JSON line `{"uid": ..., "spec_hash": ..., "status": {...}}` and fsyncs
 //! before returning, so the engine's "record before acting" rule holds across a SIGKILL. Loading
-//! takes the last complete line; a line torn by a crash mid-write is ignored. Since the status
+//! takes the last complete line. A line torn by a crash mid-write is cut off when the store is
+//! opened ([`FileStore::open`] repairs every log's tail), so the next record starts on a line of
+//! its own instead of joining the torn one (which would hide it). Since the status
 //! itself carries the bounded history, each line is self-contained, and a log longer than
 //! [`COMPACT_AFTER`] lines is rewritten to its last line (write to a temporary file, fsync,
 //! rename, fsync the directory).
@@ -93,10 +95,26 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl FileStore {
-    /// Opens (creating) the store in `dir`.
+    /// Opens (creating) the store in `dir`, and repairs the tail of every saga's log: a last
+    /// line torn by a crash (no newline, or not a record) is cut off, so appends start clean.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, FileStoreError> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io(&dir))?;
+        for ns_entry in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            let namespace = ns_entry.file_name().to_string_lossy().into_owned();
+            if !ns_entry.path().is_dir() || !valid_name(&namespace) {
+                continue;
+            }
+            for entry in fs::read_dir(ns_entry.path())
+                .map_err(io(&ns_entry.path()))?
+                .flatten()
+            {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    repair_tail(&path)?;
+                }
+            }
+        }
         Ok(Self {
             dir,
             files: Arc::default(),
@@ -238,6 +256,36 @@ impl FileStore {
     }
 }
 
+/// Cuts a log back to the end of its last complete record (a line that ends in a newline and
+/// parses), fsyncing the cut; returns how many bytes were dropped.
+fn repair_tail(path: &Path) -> Result<u64, FileStoreError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    let mut keep = 0;
+    let mut start = 0;
+    while let Some(newline) = bytes[start..].iter().position(|&b| b == b'\n') {
+        let end = start + newline;
+        if serde_json::from_slice::<Record>(&bytes[start..end]).is_ok() {
+            keep = end + 1;
+        }
+        start = end + 1;
+    }
+    let dropped = (bytes.len() - keep) as u64;
+    if dropped > 0 {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io(path))?;
+        file.set_len(keep as u64).map_err(io(path))?;
+        file.sync_all().map_err(io(path))?;
+        tracing::warn!(
+            file = %path.display(),
+            dropped_bytes = dropped,
+            "saga log ended in a torn or invalid record (crash mid-write?); cut it off"
+        );
+    }
+    Ok(dropped)
+}
+
 fn read_last(path: &Path) -> Result<Option<Record>, FileStoreError> {
     let file = match File::open(path) {
         Ok(file) => file,
@@ -355,6 +403,80 @@ mod tests {
             (created.uid, "h1".into(), SagaPhase::Running)
         );
         assert_eq!(reopened.list().expect("list").len(), 1);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// The issue's sequence: tear the last record, open, save, restart, read.
+    #[tokio::test]
+    async fn a_save_after_a_torn_tail_is_read_back_after_a_restart() {
+        let dir = temp_dir("torn-tail");
+        let store = FileStore::open(&dir).expect("open");
+        let created = store.create("shop", "order-2", "h1", None).expect("create");
+        let saga = SagaRef {
+            namespace: "shop".into(),
+            name: "order-2".into(),
+            uid: created.uid.clone(),
+        };
+        let running = SagaStatus {
+            phase: SagaPhase::Running,
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            store
+                .save(&saga, &running, &Event::DeadlineExceeded)
+                .await
+                .expect("save");
+        }
+        drop(store);
+
+        // Tear the last record: a crash in the middle of writing it.
+        let path = dir.join("shop/order-2.log");
+        let len = fs::metadata(&path).expect("stat").len();
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open log");
+        file.set_len(len - 10).expect("truncate");
+        drop(file);
+
+        let store = FileStore::open(&dir).expect("open after the crash");
+        store
+            .load("shop", "order-2")
+            .expect("load")
+            .expect("stored");
+        let compensating = SagaStatus {
+            phase: SagaPhase::Compensating,
+            ..Default::default()
+        };
+        store
+            .save(&saga, &compensating, &Event::DeadlineExceeded)
+            .await
+            .expect("save after the crash");
+        drop(store);
+
+        let restarted = FileStore::open(&dir).expect("restart");
+        let record = restarted
+            .load("shop", "order-2")
+            .expect("load")
+            .expect("stored");
+        assert_eq!(record.status.phase, SagaPhase::Compensating);
+        assert_eq!(record.uid, created.uid);
+        assert_eq!(
+            restarted.list().expect("list")[0].record.status.phase,
+            SagaPhase::Compensating
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_log_of_only_a_torn_record_is_emptied() {
+        let dir = temp_dir("only-torn");
+        fs::create_dir_all(dir.join("shop")).expect("mkdir");
+        let path = dir.join("shop/s.log");
+        fs::write(&path, br#"{"uid":"x","spec_hash":"h","sta"#).expect("write");
+        let store = FileStore::open(&dir).expect("open");
+        assert_eq!(fs::metadata(&path).expect("stat").len(), 0);
+        assert_eq!(store.load("shop", "s").expect("load"), None);
         let _ = fs::remove_dir_all(&dir);
     }
 
