@@ -68,9 +68,7 @@ pub fn negotiate(accept: Option<&str>) -> Format {
                 }
             }
             let format = match (media_type.as_str(), version.as_deref()) {
-                ("application/openmetrics-text", None | Some("1.0.0")) => {
-                    Format::OpenMetrics1_0_0
-                }
+                ("application/openmetrics-text", None | Some("1.0.0")) => Format::OpenMetrics1_0_0,
                 ("application/openmetrics-text", Some("0.0.1")) => Format::OpenMetrics0_0_1,
                 ("text/plain", None | Some("0.0.4")) => Format::PrometheusText0_0_4,
                 _ => return None,
@@ -252,7 +250,11 @@ fn write_sample(out: &mut String, line: &str, family: Option<(&str, Family)>) {
     match fields.next().and_then(|t| t.parse::<f64>().ok()) {
         // OpenMetrics timestamps are seconds, 0.0.4's are integer milliseconds.
         Some(seconds) => {
-            let _ = writeln!(out, "{series} {value} {}", (seconds * 1000.0).round() as i64);
+            let _ = writeln!(
+                out,
+                "{series} {value} {}",
+                (seconds * 1000.0).round() as i64
+            );
         }
         None => {
             let _ = writeln!(out, "{series} {value}");
@@ -347,7 +349,9 @@ mod tests {
                 OpenMetrics1_0_0,
             ),
             (
-                Some("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3"),
+                Some(
+                    "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3",
+                ),
                 PrometheusText0_0_4,
             ),
         ] {
@@ -447,8 +451,7 @@ mod tests {
             "# EOF\n",
         );
         let text = to_prometheus_text(openmetrics);
-        let scrape =
-            Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("0.0.4 parses");
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("0.0.4 parses");
         let requests = scrape
             .samples
             .iter()

@@ -117,6 +117,7 @@ impl Sidecar {
             cluster_domain: config.cluster_domain.clone().into(),
             limits: limits.clone(),
             otlp: otlp.clone(),
+            sampler: crate::trace::Sampler::ratio(config.trace_sampling_ratio),
         };
         let mut proxies = vec![tokio::spawn(serve(
             outbound_listener,
@@ -139,6 +140,7 @@ impl Sidecar {
                 limits.clone(),
             );
             inbound.otlp = otlp.clone();
+            inbound.sampler = crate::trace::Sampler::ratio(config.trace_sampling_ratio);
             proxies.push(tokio::spawn(serve(
                 listener,
                 limits.clone(),
