@@ -10,6 +10,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use sagamesh_sidecar::exposition;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -32,19 +33,23 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     resp
 }
 
-/// Answers one admin request.
-pub fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// Answers one admin request; `accept` is its `Accept` header (`/metrics` negotiates on it).
+pub fn respond(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    accept: Option<&str>,
+) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n".into());
     }
     match path {
         "/metrics" => match state.metrics.encode() {
-            Ok(body) => text(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body,
-            ),
+            Ok(openmetrics) => {
+                let (content_type, body) = exposition::render(openmetrics, accept);
+                text(StatusCode::OK, content_type, body)
+            }
             Err(_) => text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 PLAIN,
@@ -84,7 +89,11 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let resp = respond(&state, req.method(), req.uri().path());
+                let accept = req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let resp = respond(&state, req.method(), req.uri().path(), accept);
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -109,29 +118,89 @@ mod tests {
             ready,
         };
         assert_eq!(
-            respond(&state, &Method::GET, "/healthz").status(),
+            respond(&state, &Method::GET, "/healthz", None).status(),
             StatusCode::OK
         );
         assert_eq!(
-            respond(&state, &Method::GET, "/readyz").status(),
+            respond(&state, &Method::GET, "/readyz", None).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
         tx.send_replace(true);
         assert_eq!(
-            respond(&state, &Method::GET, "/readyz").status(),
+            respond(&state, &Method::GET, "/readyz", None).status(),
             StatusCode::OK
         );
         assert_eq!(
-            respond(&state, &Method::GET, "/metrics").status(),
+            respond(&state, &Method::GET, "/metrics", None).status(),
             StatusCode::OK
         );
         assert_eq!(
-            respond(&state, &Method::GET, "/x").status(),
+            respond(&state, &Method::GET, "/x", None).status(),
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            respond(&state, &Method::POST, "/metrics").status(),
+            respond(&state, &Method::POST, "/metrics", None).status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
+    }
+
+    async fn metrics(state: &AdminState, accept: Option<&str>) -> (String, String) {
+        use http_body_util::BodyExt;
+        let resp = respond(state, &Method::GET, "/metrics", accept);
+        assert_eq!(resp.status(), StatusCode::OK);
+        let content_type = resp.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .expect("content type")
+            .to_string();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (
+            content_type,
+            String::from_utf8(body.to_vec()).expect("utf-8"),
+        )
+    }
+
+    #[tokio::test]
+    async fn metrics_negotiate_openmetrics_or_prometheus_text() {
+        use prometheus_parse::{Scrape, Value};
+        let (_tx, ready) = watch::channel(true);
+        let state = AdminState {
+            metrics: Arc::new(Metrics::default()),
+            ready,
+        };
+        drop(state.metrics.reconcile_timer());
+
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+        let (content_type, body) = metrics(&state, Some(prometheus)).await;
+        assert_eq!(
+            content_type,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+
+        for accept in [None, Some("*/*"), Some("text/plain;version=0.0.4")] {
+            let (content_type, body) = metrics(&state, accept).await;
+            assert_eq!(
+                content_type, "text/plain; version=0.0.4; charset=utf-8",
+                "{accept:?}"
+            );
+            let scrape =
+                Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("0.0.4 parses");
+            let reconciles = scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == "sagamesh_operator_reconciles_total")
+                .expect("reconciles");
+            assert!(
+                matches!(reconciles.value, Value::Counter(v) if v == 1.0),
+                "{accept:?}: {:?} in\n{body}",
+                reconciles.value
+            );
+            assert!(
+                scrape.samples.iter().any(|s| s.metric
+                    == "sagamesh_operator_reconcile_duration_seconds"
+                    && matches!(s.value, Value::Histogram(_))),
+                "{body}"
+            );
+        }
     }
 }

@@ -8,6 +8,7 @@ use hyper::body::Incoming;
 
 use crate::body::BoxBody;
 use crate::client::MeshClient;
+use crate::exposition;
 use crate::proxy::text;
 
 /// Admin handler state.
@@ -24,11 +25,15 @@ impl Admin {
             return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
         }
         match req.uri().path() {
-            "/metrics" => text(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.client.metrics().encode(),
-            ),
+            "/metrics" => {
+                let accept = req
+                    .headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let (content_type, body) =
+                    exposition::render(self.client.metrics().encode(), accept);
+                text(StatusCode::OK, content_type, body)
+            }
             "/live" => text(StatusCode::OK, "text/plain", "live\n"),
             "/ready" => {
                 if self.draining.load(Ordering::Relaxed) {

@@ -9,6 +9,15 @@ fn duration(s: &str) -> Result<Duration, String> {
     sagamesh_api::duration::parse(s).map_err(|e| e.to_string())
 }
 
+fn ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a ratio from 0.0 to 1.0 (0.1 samples one trace in ten)"
+        )),
+    }
+}
+
 /// Log format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -102,6 +111,12 @@ pub struct Config {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
+    /// Share of the traces this sidecar starts that are sampled (exported here and, through
+    /// the `traceparent` flags, by the sidecars downstream), 0.0 to 1.0. A caller's own
+    /// sampling decision is always followed.
+    #[arg(long, env = "SAGAMESH_TRACE_SAMPLING_RATIO", default_value_t = 1.0, value_parser = ratio)]
+    pub trace_sampling_ratio: f64,
+
     /// `service.name` of exported spans.
     #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "sagamesh-sidecar")]
     pub otel_service_name: String,
@@ -140,6 +155,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(5),
             no_jitter: true,
             otlp_endpoint: None,
+            trace_sampling_ratio: 1.0,
             otel_service_name: "sagamesh-sidecar".into(),
             log_format: LogFormat::Plain,
             worker_threads: None,
@@ -188,6 +204,22 @@ mod tests {
                 .is_err()
         );
         assert!(Config::try_parse_from(["x", "--shutdown-grace", "soon"]).is_err());
+    }
+
+    #[test]
+    fn trace_sampling_ratio_is_validated() {
+        let c = Config::try_parse_from(["x"]).expect("parse");
+        assert_eq!(c.trace_sampling_ratio, 1.0);
+        for (value, want) in [("0", 0.0), ("0.25", 0.25), ("1.0", 1.0)] {
+            let c = Config::try_parse_from(["x", "--trace-sampling-ratio", value]).expect(value);
+            assert_eq!(c.trace_sampling_ratio, want);
+        }
+        for bad in ["1.5", "-0.1", "NaN", "half", "inf"] {
+            let e = Config::try_parse_from(["x".into(), format!("--trace-sampling-ratio={bad}")])
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("not a ratio from 0.0 to 1.0"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod config;
 pub mod discovery;
 pub mod endpoint;
 pub mod error;
+pub mod exposition;
 pub mod h1_upstream;
 pub mod h2_upstream;
 pub mod metrics;

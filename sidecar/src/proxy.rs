@@ -26,9 +26,10 @@ use crate::metrics::{DestinationLabels, Metrics, RequestLabels, status_class};
 use crate::name::parse_authority;
 use crate::otlp::{OtlpExporter, SpanKind, SpanRecord};
 use crate::pool::{Pool, PoolConfig};
-use crate::trace::{self, TraceContext};
+use crate::trace::{self, Sampler, TraceContext};
 
-/// Exports the span of one proxied request, when OTLP export is on.
+/// Exports the span of one proxied request, when OTLP export is on and the trace is sampled
+/// (an unsampled caller's trace, or a root the sampler left out, is only propagated).
 #[allow(clippy::too_many_arguments)]
 fn export_span(
     otlp: Option<&OtlpExporter>,
@@ -40,12 +41,14 @@ fn export_span(
     method: &Method,
     resp: &Response<BoxBody>,
 ) {
-    let Some(otlp) = otlp else { return };
+    let Some(otlp) = otlp.filter(|_| context.is_sampled()) else {
+        return;
+    };
     let mut attributes = vec![
-        ("http.request.method", method.to_string()),
+        ("http.request.method", method.as_str().into()),
         (
             "http.response.status_code",
-            resp.status().as_u16().to_string(),
+            i64::from(resp.status().as_u16()).into(),
         ),
     ];
     let error = resp
@@ -53,7 +56,7 @@ fn export_span(
         .get(ERROR_HEADER)
         .and_then(|v| v.to_str().ok());
     if let Some(e) = error {
-        attributes.push(("sagamesh.error", e.to_string()));
+        attributes.push(("sagamesh.error", e.into()));
     }
     otlp.export(SpanRecord {
         context,
@@ -227,6 +230,8 @@ pub struct Outbound {
     pub cluster_domain: Arc<str>,
     pub limits: Limits,
     pub otlp: Option<OtlpExporter>,
+    /// Samples the traces this proxy starts.
+    pub sampler: Sampler,
 }
 
 impl Outbound {
@@ -278,7 +283,7 @@ impl Outbound {
             .map_err(|e| MeshError::BadRequest(e.to_string()))?;
         let grpc = is_grpc(&req);
         let mut req = limit_body(req, self.limits.max_body_bytes)?;
-        let (parent, ctx) = trace::propagate_with_parent(req.headers_mut());
+        let (parent, ctx) = trace::propagate_with_parent(req.headers_mut(), self.sampler);
         let span = tracing::debug_span!("outbound", destination = %target.service, trace_id = %ctx.trace_id_hex());
         let _entered = span.enter();
         let started = std::time::SystemTime::now();
@@ -320,6 +325,8 @@ pub struct Inbound {
     app_host: Arc<str>,
     label: Arc<str>,
     pub otlp: Option<OtlpExporter>,
+    /// Samples the traces this proxy starts.
+    pub sampler: Sampler,
 }
 
 impl Inbound {
@@ -333,6 +340,7 @@ impl Inbound {
             app_host: app.ip().to_string().into(),
             label: format!("app:{}", app.port()).into(),
             otlp: None,
+            sampler: Sampler::ALWAYS,
         }
     }
 
@@ -347,7 +355,7 @@ impl Inbound {
         let started = std::time::SystemTime::now();
         let method = req.method().clone();
         let mut req = req;
-        let (parent, ctx) = trace::propagate_with_parent(req.headers_mut());
+        let (parent, ctx) = trace::propagate_with_parent(req.headers_mut(), self.sampler);
         let resp = match self.forward(req).await {
             Ok(r) => r,
             Err(e) => error_response(&e, grpc),

@@ -117,6 +117,7 @@ impl Sidecar {
             cluster_domain: config.cluster_domain.clone().into(),
             limits: limits.clone(),
             otlp: otlp.clone(),
+            sampler: crate::trace::Sampler::ratio(config.trace_sampling_ratio),
         };
         let mut proxies = vec![tokio::spawn(serve(
             outbound_listener,
@@ -140,6 +141,7 @@ impl Sidecar {
             );
             inbound.otlp = otlp.clone();
             inbound.set_pool_config(app_pool);
+            inbound.sampler = crate::trace::Sampler::ratio(config.trace_sampling_ratio);
             proxies.push(tokio::spawn(serve(
                 listener,
                 limits.clone(),
