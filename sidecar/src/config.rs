@@ -90,6 +90,12 @@ pub struct Config {
     #[arg(long, env = "SAGAMESH_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
 
+    /// Time a caller has from connecting to the end of its first request head (HTTP/1.1 and
+    /// HTTP/2), and on HTTP/1.1 between requests on a kept-alive connection; past it the
+    /// connection is closed.
+    #[arg(long, env = "SAGAMESH_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+
     /// Most distinct destinations watched at once; further names get `unknown-service`.
     #[arg(long, env = "SAGAMESH_MAX_DESTINATIONS", default_value_t = 1000)]
     pub max_destinations: usize,
@@ -150,6 +156,7 @@ impl Config {
             max_retry_body_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
             max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
             max_destinations: 1000,
             connect_timeout: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),

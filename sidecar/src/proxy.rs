@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -147,6 +148,25 @@ fn limit_body(req: Request<Incoming>, max: u64) -> Result<Request<BoxBody>, Mesh
     }))
 }
 
+/// Refuses what RFC 9112 §3.2 says a server must not act on and hyper lets through: more
+/// than one `Host` header, and the asterisk form (`GET *`) on anything but OPTIONS. CONNECT is
+/// not proxied. Cheap: no allocation unless refused.
+fn check_request_target<B>(req: &Request<B>) -> Result<(), MeshError> {
+    if req.method() == Method::CONNECT {
+        return Err(MeshError::BadRequest("CONNECT is not supported".into()));
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err(MeshError::BadRequest("more than one Host header".into()));
+    }
+    if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+        return Err(MeshError::BadRequest(
+            "the asterisk-form request target is only for OPTIONS".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Serves `listener` until `shutdown` turns true, then stops accepting and drains open
 /// connections for up to `grace`.
 pub async fn serve<S, F>(
@@ -191,7 +211,16 @@ pub async fn serve<S, F>(
                 };
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
+                // Set once the first request head is in; until then the connection lives on
+                // the head timeout below.
+                let got_head = Arc::new(AtomicBool::new(false));
+                let seen = got_head.clone();
                 let svc = service_fn(move |req| {
+                    // A load first: on HTTP/2 many streams share the flag, so no write per
+                    // request once it is set.
+                    if !seen.load(Ordering::Relaxed) {
+                        seen.store(true, Ordering::Relaxed);
+                    }
                     // Boxed: a request's future (balancing, retries, the endpoint call) is
                     // several KiB, and hyper moves it into place and, for HTTP/2, into a task
                     // per stream; copying it on every request was the top cost of the h2 path.
@@ -204,8 +233,23 @@ pub async fn serve<S, F>(
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                 let conn = graceful.watch(conn);
+                let head_timeout = limits.header_read_timeout;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let mut conn = std::pin::pin!(conn);
+                    // hyper's HTTP/1 head timer only starts once hyper_util has told HTTP/1
+                    // from HTTP/2 (which waits for bytes), and HTTP/2 has none: a silent
+                    // connection, or one that sent only the h2 preface, would be held
+                    // forever. So the head timeout runs from accept to the first request head;
+                    // after that hyper's HTTP/1 timer bounds each later head and keep-alive idle.
+                    let result = match tokio::time::timeout(head_timeout, conn.as_mut()).await {
+                        Ok(result) => result,
+                        Err(_) if !got_head.load(Ordering::Relaxed) => {
+                            tracing::debug!(%peer, ?head_timeout, "no request head in time; closing");
+                            return;
+                        }
+                        Err(_) => conn.await,
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -265,9 +309,7 @@ impl Outbound {
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, MeshError> {
-        if req.method() == Method::CONNECT {
-            return Err(MeshError::BadRequest("CONNECT is not supported".into()));
-        }
+        check_request_target(&req)?;
         let authority = req
             .uri()
             .authority()
@@ -396,9 +438,7 @@ impl Inbound {
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, MeshError> {
-        if req.method() == Method::CONNECT {
-            return Err(MeshError::BadRequest("CONNECT is not supported".into()));
-        }
+        check_request_target(&req)?;
         let h2 = req.version() == http::Version::HTTP_2;
         let req = limit_body(req, self.limits.max_body_bytes)?;
         let (mut parts, body) = req.into_parts();

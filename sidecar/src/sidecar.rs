@@ -93,7 +93,7 @@ impl Sidecar {
         let limits = Limits {
             max_header_bytes: config.max_header_bytes,
             max_body_bytes: config.max_body_bytes,
-            ..Limits::default()
+            header_read_timeout: config.header_read_timeout,
         };
         let (shutdown_proxies, proxies_rx) = watch::channel(false);
         let (shutdown_admin, admin_rx) = watch::channel(false);
