@@ -186,18 +186,36 @@ impl<D: Discover> pb::discovery_server::Discovery for DiscoveryService<D> {
 pub async fn serve<D: Discover>(
     listener: tokio::net::TcpListener,
     service: DiscoveryService<D>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut signal = shutdown.clone();
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await
+            let _ = signal.wait_for(|s| *s).await;
+        });
+    // Every Watch stream ends on shutdown, but a graceful HTTP/2 shutdown then waits for each
+    // client to close its connection, and a sidecar that is slow to read the GOAWAY would hold
+    // the operator's exit (and the replica's rollout) for as long as it likes: after
+    // DRAIN_CONNECTIONS the remaining connections are dropped.
+    let mut drained = shutdown;
+    tokio::select! {
+        served = server => served,
+        _ = async {
+            let _ = drained.wait_for(|s| *s).await;
+            tokio::time::sleep(DRAIN_CONNECTIONS).await;
+        } => {
+            tracing::debug!(after = ?DRAIN_CONNECTIONS, "discovery: closing connections still open after shutdown");
+            Ok(())
+        }
+    }
 }
+
+/// How long discovery connections get to close after shutdown (their streams have ended).
+const DRAIN_CONNECTIONS: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -73,6 +73,8 @@ pub enum Error {
 /// How long the parts get to finish after shutdown (releasing the Lease, draining servers)
 /// before they are aborted.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+/// How long the saga controller gets to stop after shutdown (see where it is spawned).
+const SAGA_CONTROLLER_GRACE: Duration = Duration::from_secs(3);
 
 /// Runs the operator's parts, each meant to run until shutdown: the first one that fails,
 /// panics or ends on its own stops all of them, and [`Supervisor::run`] returns an error naming
@@ -168,7 +170,7 @@ impl Supervisor {
         let drain = async {
             while let Some(joined) = tasks.join_next_with_id().await {
                 match joined {
-                    Ok((_, Ok(()))) => {}
+                    Ok((id, Ok(()))) => tracing::debug!(part = part(id), "stopped"),
                     Ok((id, Err(e))) => {
                         tracing::warn!(part = part(id), error = %e, "failed while shutting down")
                     }
@@ -450,8 +452,18 @@ pub async fn run(
             settings.watch_namespace.clone(),
             shutdown.clone(),
         );
+        let mut stop = shutdown.clone();
         parts.spawn("saga controller", async move {
-            sagas.await;
+            // kube's graceful controller shutdown waits for reconciles in flight, and was seen
+            // to hold the exit past 10 s on a loaded machine with no saga at all; a saga cut
+            // short resumes from its status on the next leader, so the wait is bounded.
+            tokio::select! {
+                _ = sagas => {}
+                _ = async {
+                    let _ = stop.wait_for(|s| *s).await;
+                    tokio::time::sleep(SAGA_CONTROLLER_GRACE).await;
+                } => tracing::warn!(grace = ?SAGA_CONTROLLER_GRACE, "saga controller still stopping after its grace; dropped"),
+            }
             Ok::<_, std::convert::Infallible>(())
         });
     }

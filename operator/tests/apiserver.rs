@@ -547,11 +547,15 @@ async fn sigterm_ends_watch_streams_releases_the_lease_and_exits_zero() {
             .args(["-TERM", &pid])
             .status()?;
         ensure!(status.success(), "kill -TERM {pid}");
-        let exited = eventually("the operator to exit", Duration::from_secs(10), || {
+        let exited = match eventually("the operator to exit", Duration::from_secs(10), || {
             let polled = operator.child.try_wait();
             async move { polled.ok().flatten() }
         })
-        .await?;
+        .await
+        {
+            Ok(exited) => exited,
+            Err(e) => anyhow::bail!("{e}; the operator's log:\n{}", operator.log()),
+        };
         ensure!(exited.success(), "exit status {exited}: {}", operator.log());
         // The open Watch stream ended (the sidecar reconnects elsewhere) ...
         let ended = tokio::time::timeout(Duration::from_secs(5), watcher.latest.changed()).await;
