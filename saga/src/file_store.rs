@@ -100,20 +100,8 @@ impl FileStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, FileStoreError> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        for ns_entry in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
-            let namespace = ns_entry.file_name().to_string_lossy().into_owned();
-            if !ns_entry.path().is_dir() || !valid_name(&namespace) {
-                continue;
-            }
-            for entry in fs::read_dir(ns_entry.path())
-                .map_err(io(&ns_entry.path()))?
-                .flatten()
-            {
-                let path = entry.path();
-                if path.extension().is_some_and(|e| e == "log") {
-                    repair_tail(&path)?;
-                }
-            }
+        for log in logs(&dir)? {
+            repair_tail(&log.path)?;
         }
         Ok(Self {
             dir,
@@ -180,35 +168,13 @@ impl FileStore {
     /// Every stored saga, sorted by namespace and name.
     pub fn list(&self) -> Result<Vec<StoredSaga>, FileStoreError> {
         let mut out = Vec::new();
-        let namespaces = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) => {
-                return Err(FileStoreError::Io {
-                    path: self.dir.clone(),
-                    source: e,
+        for log in logs(&self.dir)? {
+            if let Some(record) = read_last(&log.path)? {
+                out.push(StoredSaga {
+                    namespace: log.namespace,
+                    name: log.name,
+                    record,
                 });
-            }
-        };
-        for ns_entry in namespaces.flatten() {
-            let namespace = ns_entry.file_name().to_string_lossy().into_owned();
-            if !ns_entry.path().is_dir() || !valid_name(&namespace) {
-                continue;
-            }
-            for entry in fs::read_dir(ns_entry.path())
-                .map_err(io(&ns_entry.path()))?
-                .flatten()
-            {
-                let file = entry.file_name().to_string_lossy().into_owned();
-                let Some(name) = file.strip_suffix(".log") else {
-                    continue;
-                };
-                if let Some(record) = read_last(&entry.path())? {
-                    out.push(StoredSaga {
-                        namespace: namespace.clone(),
-                        name: name.to_string(),
-                        record,
-                    });
-                }
             }
         }
         out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -254,6 +220,38 @@ impl FileStore {
         *count += 1;
         Ok(())
     }
+}
+
+/// One saga's log file: `<dir>/<namespace>/<name>.log`.
+struct LogFile {
+    namespace: String,
+    name: String,
+    path: PathBuf,
+}
+
+/// Every saga log under `dir` (namespace directories with valid names, `.log` files in them).
+fn logs(dir: &Path) -> Result<Vec<LogFile>, FileStoreError> {
+    let mut out = Vec::new();
+    for ns_entry in fs::read_dir(dir).map_err(io(dir))?.flatten() {
+        let namespace = ns_entry.file_name().to_string_lossy().into_owned();
+        if !ns_entry.path().is_dir() || !valid_name(&namespace) {
+            continue;
+        }
+        for entry in fs::read_dir(ns_entry.path())
+            .map_err(io(&ns_entry.path()))?
+            .flatten()
+        {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file.strip_suffix(".log") {
+                out.push(LogFile {
+                    namespace: namespace.clone(),
+                    name: name.to_string(),
+                    path: entry.path(),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Cuts a log back to the end of its last complete record (a line that ends in a newline and
