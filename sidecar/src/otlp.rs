@@ -196,11 +196,7 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 /// The backoff before retry number `retry` (1 for the first): doubling from
 /// `initial_backoff` up to `max_backoff`; with jitter, a random point in its upper half.
 fn backoff(config: &ExportConfig, retry: u32) -> Duration {
-    let factor = 1u32 << retry.saturating_sub(1).min(16);
-    let delay = config
-        .initial_backoff
-        .saturating_mul(factor)
-        .min(config.max_backoff);
+    let delay = crate::retry::exponential_bound(config.initial_backoff, config.max_backoff, retry);
     if config.jitter {
         let half = delay / 2;
         half + half.mul_f64(rand::random::<f64>())

@@ -77,13 +77,17 @@ pub fn may_retry(cfg: &RetryConfig, method: &Method, headers: &HeaderMap) -> boo
         || headers.contains_key(IDEMPOTENCY_KEY)
 }
 
+/// `min(max, base * 2^(n-1))`: the bound of the exponential backoff before retry `n` (1 = the
+/// first), whatever jitter is then applied to it.
+pub(crate) fn exponential_bound(base: Duration, max: Duration, n: u32) -> Duration {
+    base.saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(20)))
+        .min(max)
+}
+
 /// Exponential backoff before retry `n` (1 = first retry): full jitter in
 /// `[0, min(max, base * 2^(n-1))]`, or exactly the bound without jitter.
 pub fn backoff(cfg: &RetryConfig, n: u32, jitter: bool) -> Duration {
-    let cap = cfg
-        .backoff_base
-        .saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(20)))
-        .min(cfg.backoff_max);
+    let cap = exponential_bound(cfg.backoff_base, cfg.backoff_max, n);
     if jitter && !cap.is_zero() {
         Duration::from_nanos(
             rand::rng().random_range(0..=cap.as_nanos().min(u128::from(u64::MAX)) as u64),
