@@ -1,6 +1,7 @@
 //! Sagamesh's API: the one source of truth for the CRD types (`ServiceRegistration`, `Saga`),
 //! the CRD YAML generated from them, and the policy types the sidecar and operator share.
 
+pub mod backoff;
 pub mod crdgen;
 pub mod discovery;
 pub mod duration;

@@ -14,6 +14,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use parking_lot::Mutex;
+use sagamesh_api::backoff::{Backoff, FailureBackoff, Jitter};
 use sagamesh_api::{ServiceRegistration, ServiceRegistrationStatus};
 use tokio::sync::watch;
 
@@ -59,7 +60,7 @@ pub struct Context {
     /// Only the leader writes status and publishes Events.
     pub leader: watch::Receiver<bool>,
     /// Consecutive failures per object, for the exponential requeue.
-    failures: Mutex<HashMap<(String, String), u32>>,
+    failures: FailureBackoff<(String, String)>,
     /// The last status this replica wrote per object, with the resourceVersion it produced:
     /// the reflector's copy may not have caught up with our own write yet.
     written: Mutex<HashMap<(String, String), (u64, ServiceRegistrationStatus)>>,
@@ -79,7 +80,7 @@ impl Context {
             recorder,
             metrics,
             leader,
-            failures: Mutex::new(HashMap::new()),
+            failures: FailureBackoff::new(REQUEUE_BACKOFF),
             written: Mutex::new(HashMap::new()),
         }
     }
@@ -257,17 +258,17 @@ pub async fn reconcile(obj: Arc<ServiceRegistration>, ctx: Arc<Context>) -> Resu
             }
         }
     }
-    ctx.failures.lock().remove(&key);
+    ctx.failures.reset(&key);
     Ok(Action::await_change())
 }
 
-/// Delay before retrying an object that failed `failures` times in a row: 500ms doubling, at
-/// most 5 minutes.
-pub fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(500)
-        .saturating_mul(2u32.saturating_pow(failures.min(16)))
-        .min(Duration::from_secs(300))
-}
+/// Requeue delay of an object after failures in a row: 500 ms doubling, at most 5 minutes,
+/// equal jitter (objects failing together, e.g. in an API server outage, spread their retries).
+pub const REQUEUE_BACKOFF: Backoff = Backoff::new(
+    Duration::from_millis(500),
+    Duration::from_secs(300),
+    Jitter::Equal,
+);
 
 /// Logs and counts a failed reconcile; requeues it with exponential backoff.
 pub fn error_policy(obj: Arc<ServiceRegistration>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -278,13 +279,7 @@ pub fn error_policy(obj: Arc<ServiceRegistration>, error: &Error, ctx: Arc<Conte
         })
         .inc();
     let key = (obj.namespace().unwrap_or_default(), obj.name_any());
-    let failures = {
-        let mut map = ctx.failures.lock();
-        let n = map.entry(key).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
-    let delay = backoff(failures - 1);
+    let (failures, delay) = ctx.failures.failed(key);
     tracing::warn!(error = %error, failures, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -292,7 +287,7 @@ pub fn error_policy(obj: Arc<ServiceRegistration>, error: &Error, ctx: Arc<Conte
 /// Forgets per-object state of a deleted registration.
 pub fn forget(ctx: &Context, namespace: &str, name: &str) {
     let key = (namespace.to_string(), name.to_string());
-    ctx.failures.lock().remove(&key);
+    ctx.failures.reset(&key);
     ctx.written.lock().remove(&key);
 }
 
@@ -398,13 +393,5 @@ mod tests {
             &time(99),
         );
         assert_eq!(none.conditions[0].last_transition_time, time(99));
-    }
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        assert_eq!(backoff(0), Duration::from_millis(500));
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(3), Duration::from_secs(4));
-        assert_eq!(backoff(40), Duration::from_secs(300));
     }
 }

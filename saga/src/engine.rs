@@ -12,6 +12,7 @@ use std::{future::Future, time::Duration};
 use k8s_openapi::jiff::Timestamp;
 use rand::Rng;
 use sagamesh_api::{
+    backoff::{Backoff, Jitter},
     duration,
     saga::{HttpCall, HttpMethod, MAX_OUTPUT_BYTES, SagaPhase, SagaSpec, SagaStatus},
 };
@@ -306,17 +307,12 @@ impl<S: SagaStore, C: ServiceCaller> Runner<'_, S, C> {
             retry.and_then(|r| r.max_backoff.as_ref()),
             self.config.default_max_backoff,
         );
-        let exp = base
-            .saturating_mul(
-                1u32.checked_shl(attempt.saturating_sub(1))
-                    .unwrap_or(u32::MAX),
-            )
-            .min(max);
-        if self.config.jitter && !exp.is_zero() {
-            exp.mul_f64(rand::rng().random_range(0.5..=1.0))
+        let jitter = if self.config.jitter {
+            Jitter::Equal
         } else {
-            exp
-        }
+            Jitter::None
+        };
+        Backoff::new(base, max, jitter).delay(attempt)
     }
 
     fn scope(&self) -> Scope<'_> {

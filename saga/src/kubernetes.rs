@@ -36,6 +36,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+use sagamesh_api::backoff::{Backoff, FailureBackoff, Jitter};
 use sagamesh_api::saga::{Saga, SagaStatus};
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -445,7 +446,17 @@ struct Context<C> {
     store: KubeSagaStore,
     leader: watch::Receiver<bool>,
     running: Mutex<HashMap<(String, String), JoinHandle<()>>>,
+    /// Consecutive reconcile failures per saga, for the exponential requeue.
+    failures: FailureBackoff<(String, String)>,
 }
+
+/// Requeue delay of a saga whose reconcile failed in a row: 500 ms doubling, at most 1 minute
+/// (a saga waits on it, so sooner than the operator's 5 minutes), equal jitter.
+const REQUEUE_BACKOFF: Backoff = Backoff::new(
+    Duration::from_millis(500),
+    Duration::from_secs(60),
+    Jitter::Equal,
+);
 
 /// Why a reconcile failed (it is retried with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -471,6 +482,7 @@ impl<C: ServiceCaller + 'static> SagaController<C> {
             store: self.store,
             leader: self.leader.clone(),
             running: Mutex::default(),
+            failures: FailureBackoff::new(REQUEUE_BACKOFF),
         });
         // Becoming leader re-reconciles everything; losing it stops every saga at once (the new
         // leader resumes them from their status).
@@ -513,7 +525,7 @@ impl<C: ServiceCaller + 'static> SagaController<C> {
         controller
             .reconcile_all_on(trigger)
             .graceful_shutdown_on(shutdown)
-            .run(reconcile::<C>, error_policy::<C>, ctx.clone())
+            .run(reconcile_counted::<C>, error_policy::<C>, ctx.clone())
             .for_each(|_| async {})
             .await;
         leadership.abort();
@@ -671,7 +683,102 @@ impl Drop for RunGuard {
     }
 }
 
-fn error_policy<C>(saga: Arc<Saga>, error: &ReconcileError, _ctx: Arc<Context<C>>) -> Action {
-    tracing::warn!(saga = %saga.name_any(), %error, "saga reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
+/// Reconciles; a success forgets the saga's failures in a row.
+async fn reconcile_counted<C: ServiceCaller + 'static>(
+    saga: Arc<Saga>,
+    ctx: Arc<Context<C>>,
+) -> Result<Action, ReconcileError> {
+    let key = (saga.namespace().unwrap_or_default(), saga.name_any());
+    let result = reconcile(saga, ctx.clone()).await;
+    if result.is_ok() {
+        ctx.failures.reset(&key);
+    }
+    result
+}
+
+/// Logs a failed reconcile and requeues the saga with exponential backoff.
+fn error_policy<C>(saga: Arc<Saga>, error: &ReconcileError, ctx: Arc<Context<C>>) -> Action {
+    let key = (saga.namespace().unwrap_or_default(), saga.name_any());
+    let (failures, delay) = ctx.failures.failed(key);
+    tracing::warn!(saga = %saga.name_any(), %error, failures, retry_in = ?delay, "saga reconcile failed");
+    Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CallOutcome, CallRequest};
+
+    /// Reconciles here fail before any call.
+    struct NoCalls;
+
+    impl ServiceCaller for NoCalls {
+        async fn call(&self, _: CallRequest) -> CallOutcome {
+            CallOutcome::NoAnswer {
+                error: "no calls in this test".into(),
+                maybe_delivered: false,
+            }
+        }
+        async fn has_service(&self, _: &str, _: &str) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_reconciles_back_off_exponentially_until_one_succeeds() {
+        // An API server address nothing listens on: every write fails, quickly.
+        let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let config = kube::Config::new(
+            format!("http://{unreachable}")
+                .parse()
+                .expect("valid URL"),
+        );
+        let client = Client::try_from(config).expect("client");
+        let (leader_tx, leader) = watch::channel(true);
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            caller: Arc::new(NoCalls),
+            config: EngineConfig::default(),
+            store: KubeSagaStore::new(client, Reporter::from("test"), None),
+            leader,
+            running: Mutex::default(),
+            // Without jitter, to read the delays exactly.
+            failures: FailureBackoff::new(Backoff {
+                jitter: Jitter::None,
+                ..REQUEUE_BACKOFF
+            }),
+        });
+        let spec = serde_json::from_value(serde_json::json!({
+            "steps": [{"name": "a", "action": {"service": "orders", "path": "/orders"}}]
+        }))
+        .expect("spec");
+        let mut saga = Saga::new("s", spec);
+        saga.metadata.namespace = Some("shop".into());
+        saga.metadata.uid = Some("u1".into());
+        let saga = Arc::new(saga);
+
+        let mut delays = Vec::new();
+        for _ in 0..4 {
+            let error = reconcile_counted(saga.clone(), ctx.clone())
+                .await
+                .expect_err("the finalizer patch cannot reach the API server");
+            delays.push(error_policy(saga.clone(), &error, ctx.clone()));
+        }
+        let ms = |n| Action::requeue(Duration::from_millis(n));
+        assert_eq!(delays, [ms(500), ms(1000), ms(2000), ms(4000)]);
+
+        // A reconcile that succeeds (a follower's: nothing to do) starts the count over.
+        leader_tx.send_replace(false);
+        reconcile_counted(saga.clone(), ctx.clone())
+            .await
+            .expect("a follower's reconcile succeeds");
+        assert!(ctx.failures.is_empty());
+        leader_tx.send_replace(true);
+        let error = reconcile_counted(saga.clone(), ctx.clone())
+            .await
+            .expect_err("fails again");
+        assert_eq!(error_policy(saga, &error, ctx), ms(500));
+    }
 }

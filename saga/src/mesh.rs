@@ -1,6 +1,10 @@
 //! Saga calls through the mesh: [`MeshCaller`] sends each call with the sidecar's own
 //! [`MeshClient`] — the same discovery, balancing, circuit breaking, retry budget and timeouts
 //! every sidecar applies — so a saga step is just another caller of the service.
+//!
+//! One layer retries: the engine. Each attempt it makes is one request to the service (the
+//! step's `retry.attempts` is what the service sees at most); the mesh retries a saga call only
+//! when it could not connect (nothing was sent), moving it to another endpoint.
 
 use http_body_util::BodyExt;
 use hyper::{Method, Request};
@@ -9,6 +13,7 @@ use sagamesh_sidecar::{
     MeshClient,
     body::{self, BoxBody},
     name::{PortRef, ServiceKey, Target},
+    retry::CallerRetries,
 };
 
 use crate::engine::{CallOutcome, CallRequest, ServiceCaller};
@@ -48,7 +53,10 @@ impl ServiceCaller for MeshCaller {
         let key = ServiceKey::new(request.namespace.clone(), request.service.clone());
         // A named port is resolved by the client from the service's ports.
         let target = Target::new(key.clone(), request.port.clone().map(PortRef::Name));
+        // The engine counts and backs off a step's attempts; the mesh only moves a call that
+        // could not connect to another endpoint.
         let mut builder = Request::builder()
+            .extension(CallerRetries)
             .method(method(request.method))
             .uri(format!(
                 "http://{}.{}{}",

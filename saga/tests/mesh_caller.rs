@@ -1,5 +1,6 @@
 //! Saga calls through the sidecar's MeshClient: services found by discovery, named ports,
-//! balancing, and the mesh's retries carrying a step over a dead instance.
+//! balancing, the mesh moving a step off a dead instance, and one layer of retries (the
+//! engine's) for calls the service saw.
 
 mod common;
 
@@ -103,12 +104,16 @@ async fn a_saga_runs_through_the_mesh_and_survives_a_dead_instance() {
         .expect("store ok");
         statuses.push(status);
     }
-    for status in &statuses {
+    for (i, status) in statuses.iter().enumerate() {
         assert_eq!(status.phase, SagaPhase::Succeeded, "{status:#?}");
-        assert!(
-            status.steps.iter().all(|s| s.action.attempts == 1),
-            "the mesh retried, not the engine"
+        // The dead orders instance: the mesh moved the call (nothing was sent).
+        assert_eq!(
+            status.steps[0].action.attempts, 1,
+            "connect failures are the mesh's"
         );
+        // payment's one 503: an attempt the service saw, so the engine's to retry.
+        let charge_attempts = if i == 0 { 2 } else { 1 };
+        assert_eq!(status.steps[1].action.attempts, charge_attempts, "{status:#?}");
         assert_eq!(status.steps[1].action.phase, CallPhase::Succeeded);
     }
     // Balanced over both live orders instances; every key applied once.
@@ -142,5 +147,72 @@ async fn a_saga_runs_through_the_mesh_and_survives_a_dead_instance() {
             .contains("\"billing\" is not registered"),
         "{:?}",
         status.conditions
+    );
+}
+
+/// One layer retries: a step whose service always answers 503, under a destination policy that
+/// retries 5xx three times, reaches the service exactly as often as the step's own
+/// `retry.attempts` (without the rule: 3 × 3 = 9 requests). A compensation likewise.
+#[tokio::test]
+async fn a_failing_step_reaches_the_service_once_per_engine_attempt() {
+    let payment = TestService::start("payment").await.expect("payment");
+    let orders = TestService::start("orders").await.expect("orders");
+    payment.fault("/charges", Fault::Always(503));
+    let discovery = StaticDiscovery::new();
+    for (name, addr) in [("payment", payment.addr), ("orders", orders.addr)] {
+        let spec: ServiceRegistrationSpec = serde_json::from_value(json!({
+            "endpoints": [{"address": addr.ip().to_string(), "port": addr.port()}],
+            "ports": [{"name": "http", "port": 8080}],
+            "retry": {"attempts": 3, "retryOn": ["5xx", "connect-failure"], "backoff": {"baseInterval": "1ms", "maxInterval": "2ms"}}
+        }))
+        .expect("registration parses");
+        discovery.set(snapshot_from_spec("shop", name, &spec).expect("snapshot"));
+    }
+    let client = MeshClient::new(discovery, ClientConfig::default(), Metrics::new());
+    let caller = MeshCaller::new(client.clone());
+    let spec: SagaSpec = serde_json::from_value(json!({
+        "steps": [
+            {"name": "create", "action": {"service": "orders", "path": "/orders", "body": {"id": "1"}},
+             "compensation": {"service": "orders", "method": "DELETE", "path": "/orders/1"}},
+            {"name": "charge", "action": {"service": "payment", "path": "/charges"},
+             "retry": {"attempts": 3, "backoff": "1ms", "maxBackoff": "2ms"}}
+        ]
+    }))
+    .expect("spec parses");
+    let saga = SagaRef {
+        namespace: "shop".into(),
+        name: "one-layer".into(),
+        uid: "u1".into(),
+    };
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        run(
+            &saga,
+            &spec,
+            SagaStatus::default(),
+            &Store::default(),
+            &caller,
+            &EngineConfig::default(),
+        ),
+    )
+    .await
+    .expect("finishes")
+    .expect("store ok");
+    assert_eq!(status.phase, SagaPhase::Compensated, "{status:#?}");
+    assert_eq!(status.steps[1].action.attempts, 3);
+    let charges = payment
+        .log()
+        .iter()
+        .filter(|r| r.path == "/charges")
+        .count();
+    assert_eq!(charges, 3, "one request per engine attempt, none added by the mesh");
+    // The mesh's retries of 5xx still apply to every other caller.
+    let metrics = client.metrics().encode();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("sagamesh_retries_total{destination=\"payment.shop\"}")
+                && !l.ends_with(" 0")),
+        "saga calls were retried by the mesh:\n{metrics}"
     );
 }

@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use sagamesh_api::backoff::{Backoff, Jitter};
 use tokio::time::Instant;
 
 /// Breaker settings with defaults resolved (see `spec.circuitBreaker`).
@@ -289,12 +290,13 @@ impl Breaker {
     }
 
     fn open(&mut self, now: Instant) -> Duration {
-        let factor = 2u32.saturating_pow(self.ejections.min(16));
-        let time = self
-            .cfg
-            .base_ejection_time
-            .saturating_mul(factor)
-            .min(self.cfg.max_ejection_time.max(self.cfg.base_ejection_time));
+        // Each ejection in a row lasts twice the one before, without jitter (Envoy's rule).
+        let time = Backoff::new(
+            self.cfg.base_ejection_time,
+            self.cfg.max_ejection_time.max(self.cfg.base_ejection_time),
+            Jitter::None,
+        )
+        .delay(self.ejections.saturating_add(1));
         self.ejections = self.ejections.saturating_add(1);
         self.state = State::Open { until: now + time };
         time

@@ -591,6 +591,7 @@ impl MeshClient {
         let mut tried: Vec<usize> = Vec::new();
         let mut last: Option<Result<(Response<BoxBody>, InFlight), MeshError>> = None;
         let per_try = retry_cfg.and_then(|r| r.per_try_timeout);
+        let caller_retries = parts.extensions.get::<retry::CallerRetries>().is_some();
         let name = dest_metrics.destination();
         for attempt in 1..=attempts {
             if attempt > 1 {
@@ -644,7 +645,8 @@ impl MeshClient {
                 *delivered |= prev.as_ref().map_or_else(|e| e.maybe_delivered(), |_| true);
             }
             let retry = attempt < attempts
-                && retry_cfg.is_some_and(|cfg| retry::is_retryable(cfg, outcome));
+                && retry_cfg.is_some_and(|cfg| retry::is_retryable(cfg, outcome))
+                && (!caller_retries || retry::retried_for_retrying_caller(outcome));
             last = Some(result);
             if !retry {
                 break;

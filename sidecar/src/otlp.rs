@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use sagamesh_api::backoff::{Backoff, Jitter};
 use tokio::sync::mpsc;
 
 use crate::trace::TraceContext;
@@ -196,13 +197,12 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 /// The backoff before retry number `retry` (1 for the first): doubling from
 /// `initial_backoff` up to `max_backoff`; with jitter, a random point in its upper half.
 fn backoff(config: &ExportConfig, retry: u32) -> Duration {
-    let delay = crate::retry::exponential_bound(config.initial_backoff, config.max_backoff, retry);
-    if config.jitter {
-        let half = delay / 2;
-        half + half.mul_f64(rand::random::<f64>())
+    let jitter = if config.jitter {
+        Jitter::Equal
     } else {
-        delay
-    }
+        Jitter::None
+    };
+    Backoff::new(config.initial_backoff, config.max_backoff, jitter).delay(retry)
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode};
-use rand::Rng;
+use sagamesh_api::backoff::{Backoff, Jitter};
 use sagamesh_api::service_registration::RetryOn;
 
 use crate::policy::RetryConfig;
@@ -58,6 +58,19 @@ pub fn is_retryable(cfg: &RetryConfig, outcome: Outcome) -> bool {
     }
 }
 
+/// A request extension for callers that retry on their own (the saga engine: each of its
+/// attempts is one step attempt, counted and backed off by the step's retry policy). The mesh
+/// then retries such a request only when nothing was sent (a connect failure, if the
+/// destination's policy retries those): moving to another endpoint is endpoint selection, not
+/// an attempt, so the service sees exactly the caller's attempts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallerRetries;
+
+/// Whether the mesh retries `outcome` of a request whose caller retries on its own.
+pub fn retried_for_retrying_caller(outcome: Outcome) -> bool {
+    outcome == Outcome::ConnectFailure
+}
+
 /// The header that makes a non-idempotent request retryable.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -77,24 +90,11 @@ pub fn may_retry(cfg: &RetryConfig, method: &Method, headers: &HeaderMap) -> boo
         || headers.contains_key(IDEMPOTENCY_KEY)
 }
 
-/// `min(max, base * 2^(n-1))`: the bound of the exponential backoff before retry `n` (1 = the
-/// first), whatever jitter is then applied to it.
-pub(crate) fn exponential_bound(base: Duration, max: Duration, n: u32) -> Duration {
-    base.saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(20)))
-        .min(max)
-}
-
 /// Exponential backoff before retry `n` (1 = first retry): full jitter in
 /// `[0, min(max, base * 2^(n-1))]`, or exactly the bound without jitter.
 pub fn backoff(cfg: &RetryConfig, n: u32, jitter: bool) -> Duration {
-    let cap = exponential_bound(cfg.backoff_base, cfg.backoff_max, n);
-    if jitter && !cap.is_zero() {
-        Duration::from_nanos(
-            rand::rng().random_range(0..=cap.as_nanos().min(u128::from(u64::MAX)) as u64),
-        )
-    } else {
-        cap
-    }
+    let jitter = if jitter { Jitter::Full } else { Jitter::None };
+    Backoff::new(cfg.backoff_base, cfg.backoff_max, jitter).delay(n)
 }
 
 #[cfg(test)]

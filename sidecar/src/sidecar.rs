@@ -12,7 +12,7 @@ use crate::admin::Admin;
 use crate::client::{ClientConfig, MeshClient};
 use crate::config::Config;
 use crate::discovery::file::FileDiscovery;
-use crate::discovery::grpc::{GrpcDiscovery, ReconnectBackoff};
+use crate::discovery::grpc::{GrpcDiscovery, RECONNECT_BACKOFF};
 use crate::discovery::{Discover, StaticDiscovery};
 use crate::metrics::Metrics;
 use crate::pool::PoolConfig;
@@ -55,7 +55,7 @@ impl Sidecar {
     pub fn discovery_from_config(config: &Config) -> Result<Arc<dyn Discover>, StartError> {
         Ok(match (&config.discovery_addr, &config.manifests) {
             (Some(addr), _) => {
-                GrpcDiscovery::new(addr, &config.caller, ReconnectBackoff::default())?
+                GrpcDiscovery::new(addr, &config.caller, RECONNECT_BACKOFF)?
             }
             (None, Some(path)) => {
                 FileDiscovery::spawn(path, &config.namespace, config.manifest_poll_interval)

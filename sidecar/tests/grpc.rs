@@ -15,7 +15,8 @@ use sagamesh_api::discovery as pb;
 use sagamesh_api::discovery::discovery_server::{Discovery, DiscoveryServer};
 use sagamesh_api::service_registration as sr;
 use sagamesh_sidecar::discovery::StaticDiscovery;
-use sagamesh_sidecar::discovery::grpc::{GrpcDiscovery, ReconnectBackoff};
+use sagamesh_api::backoff::{Backoff, Jitter};
+use sagamesh_sidecar::discovery::grpc::GrpcDiscovery;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
@@ -228,11 +229,11 @@ async fn discovery_server_killed_mid_load_fails_no_request_and_is_resubscribed()
     let discovery = GrpcDiscovery::new(
         &format!("http://{}", server.addr),
         "test",
-        ReconnectBackoff {
-            base: Duration::from_millis(50),
-            max: Duration::from_millis(200),
-            jitter: false,
-        },
+        Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+            Jitter::None,
+        ),
     )
     .expect("discovery");
     let sidecar = start_sidecar(discovery).await;

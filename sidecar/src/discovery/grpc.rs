@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rand::Rng;
+use sagamesh_api::backoff::{Backoff, Jitter};
 use sagamesh_api::discovery as pb;
 use sagamesh_api::discovery::discovery_client::DiscoveryClient;
 use tokio::sync::watch;
@@ -16,42 +16,10 @@ use tonic::transport::{Channel, Endpoint};
 use super::{Discover, Resolution, Watches};
 use crate::name::ServiceKey;
 
-/// Reconnect backoff of the discovery streams.
-#[derive(Clone, Debug)]
-pub struct ReconnectBackoff {
-    pub base: Duration,
-    pub max: Duration,
-    /// Full jitter when true; exactly `min(max, base * 2^n)` when false (tests).
-    pub jitter: bool,
-}
-
-impl Default for ReconnectBackoff {
-    fn default() -> Self {
-        ReconnectBackoff {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-            jitter: true,
-        }
-    }
-}
-
-impl ReconnectBackoff {
-    pub fn delay(&self, failures: u32) -> Duration {
-        let cap = self
-            .base
-            .saturating_mul(2u32.saturating_pow(failures.min(20)))
-            .min(self.max);
-        if self.jitter {
-            // Half fixed, half random: never hammers, never waits for nothing.
-            let half = cap / 2;
-            half + Duration::from_nanos(
-                rand::rng().random_range(0..=half.as_nanos().min(u128::from(u64::MAX)) as u64),
-            )
-        } else {
-            cap
-        }
-    }
-}
+/// Reconnect backoff of the discovery streams: 100 ms doubling to 5 s, equal jitter (never
+/// reconnects at once, never waits for nothing).
+pub const RECONNECT_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5), Jitter::Equal);
 
 /// The connection to the control plane, shared by every stream; replaced after a failure.
 ///
@@ -87,7 +55,7 @@ impl SharedChannel {
 pub struct GrpcDiscovery {
     channel: SharedChannel,
     caller: String,
-    backoff: ReconnectBackoff,
+    backoff: Backoff,
     watches: Arc<Watches>,
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
     connected: Arc<AtomicBool>,
@@ -103,7 +71,7 @@ impl GrpcDiscovery {
     pub fn new(
         address: &str,
         caller: &str,
-        backoff: ReconnectBackoff,
+        backoff: Backoff,
     ) -> Result<Arc<Self>, AddressError> {
         let endpoint = Endpoint::from_shared(address.to_string())
             .map_err(|e| AddressError(address.into(), e.to_string()))?
@@ -172,8 +140,8 @@ impl GrpcDiscovery {
                     }
                 }
                 channel.invalidate();
-                let delay = backoff.delay(failures);
                 failures = failures.saturating_add(1);
+                let delay = backoff.delay(failures);
                 tokio::time::sleep(delay).await;
             }
         });
@@ -209,29 +177,5 @@ impl Discover for GrpcDiscovery {
             "everConnected": self.connected.load(Ordering::Relaxed),
             "services": self.watches.to_json(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps_without_jitter() {
-        let b = ReconnectBackoff {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(1),
-            jitter: false,
-        };
-        assert_eq!(b.delay(0), Duration::from_millis(100));
-        assert_eq!(b.delay(1), Duration::from_millis(200));
-        assert_eq!(b.delay(3), Duration::from_millis(800));
-        assert_eq!(b.delay(4), Duration::from_secs(1));
-        assert_eq!(b.delay(100), Duration::from_secs(1));
-        let j = ReconnectBackoff { jitter: true, ..b };
-        for n in 0..10 {
-            let d = j.delay(n);
-            assert!(d >= b.delay(n) / 2 && d <= b.delay(n));
-        }
     }
 }
