@@ -97,7 +97,10 @@ impl<K: Hash + Eq> FailureBackoff<K> {
 
     /// How many keys have failures counted.
     pub fn len(&self) -> usize {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -130,7 +133,10 @@ mod tests {
     fn jitter_policies_stay_in_their_range() {
         for n in 1..=8 {
             let full = Backoff::new(10 * MS, 500 * MS, Jitter::Full);
-            let equal = Backoff { jitter: Jitter::Equal, ..full };
+            let equal = Backoff {
+                jitter: Jitter::Equal,
+                ..full
+            };
             let bound = full.bound(n);
             for _ in 0..200 {
                 assert!(full.delay(n) <= bound);
@@ -142,7 +148,10 @@ mod tests {
         let full = Backoff::new(MS, 100 * MS, Jitter::Full);
         let draws: std::collections::HashSet<_> = (0..200).map(|_| full.delay(8)).collect();
         assert!(draws.len() > 100);
-        assert_eq!(Backoff::new(Duration::ZERO, MS, Jitter::Full).delay(3), Duration::ZERO);
+        assert_eq!(
+            Backoff::new(Duration::ZERO, MS, Jitter::Full).delay(3),
+            Duration::ZERO
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use sagamesh_local::{
     runner::{LocalControlPlane, LocalOptions, RegistrationSink},
 };
 use sagamesh_operator::{
+    admin::{self, AdminState},
     discovery::{DiscoveryService, serve},
     metrics::Metrics,
 };
@@ -36,6 +37,14 @@ pub struct LocalArgs {
         default_value = "127.0.0.1:8090"
     )]
     pub discovery_addr: std::net::SocketAddr,
+    /// Serve `/metrics` (discovery, and the mesh metrics of saga calls: retries, ejections,
+    /// attempts per endpoint), `/healthz` and `/readyz` on this address.
+    #[arg(
+        long,
+        env = "SAGAMESH_LOCAL_ADMIN_LISTEN",
+        default_value = "127.0.0.1:8091"
+    )]
+    pub admin_addr: std::net::SocketAddr,
     /// Log as JSON lines.
     #[arg(long, env = "SAGAMESH_LOG_JSON")]
     pub log_json: bool,
@@ -69,18 +78,36 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         client: ClientConfig::default(),
     };
     let discovery = LocalDiscovery::new();
-    let control_plane =
-        LocalControlPlane::new(opts, vec![discovery.clone() as Arc<dyn RegistrationSink>])
-            .with_context(|| format!("opening the saga store in {}", args.state.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let control_plane = LocalControlPlane::new(
+        opts,
+        vec![discovery.clone() as Arc<dyn RegistrationSink>],
+        metrics.mesh.clone(),
+    )
+    .with_context(|| format!("opening the saga store in {}", args.state.display()))?;
     let listener = tokio::net::TcpListener::bind(args.discovery_addr)
         .await
         .with_context(|| format!("listening for discovery on {}", args.discovery_addr))?;
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("listening for admin on {}", args.admin_addr))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let service = DiscoveryService::new(discovery, Arc::new(Metrics::default()), stop_rx.clone());
-    let server = tokio::spawn(serve(listener, service, stop_rx));
-    tracing::info!(manifests = %args.manifests.display(), state = %args.state.display(), discovery = %args.discovery_addr, "local control plane running");
+    let service = DiscoveryService::new(discovery, metrics.clone(), stop_rx.clone());
+    let server = tokio::spawn(serve(listener, service, stop_rx.clone()));
+    // Ready once serving: the manifests are read on the control plane's first poll, and a
+    // manifest error is reported, not fatal.
+    let (_ready_tx, ready) = tokio::sync::watch::channel(true);
+    let admin_server = tokio::spawn(admin::serve(
+        admin_listener,
+        AdminState { metrics, ready },
+        stop_rx,
+    ));
+    tracing::info!(manifests = %args.manifests.display(), state = %args.state.display(), discovery = %args.discovery_addr, admin = %args.admin_addr, "local control plane running");
     control_plane.run(shutdown_signal()).await;
     let _ = stop_tx.send(true);
+    if let Err(e) = admin_server.await {
+        tracing::warn!(error = %e, "admin server task failed");
+    }
     match server.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "discovery server stopped with an error"),
         Err(e) => tracing::warn!(error = %e, "discovery server task failed"),

@@ -191,7 +191,7 @@ spec:
         });
     }
 
-    let local_args = |discovery: u16| {
+    let local_args = |discovery: u16, admin: u16| {
         vec![
             "local".to_string(),
             "--manifests".into(),
@@ -202,10 +202,12 @@ spec:
             "100ms".into(),
             "--discovery-addr".into(),
             format!("127.0.0.1:{discovery}"),
+            "--admin-addr".into(),
+            format!("127.0.0.1:{admin}"),
         ]
     };
     let first_log = logs.join("local-1.log");
-    let args = local_args(free_port());
+    let args = local_args(free_port(), free_port());
     let mut control_plane = spawn(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &first_log,
@@ -225,7 +227,8 @@ spec:
     );
     assert!(log.contains("line=8"), "and its line:\n{log}");
 
-    let args = local_args(free_port());
+    let admin = free_port();
+    let args = local_args(free_port(), admin);
     let _control_plane = spawn(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &logs.join("local-2.log"),
@@ -235,6 +238,20 @@ spec:
         Duration::from_secs(30),
         || saga_json(&state, "order-7").is_some_and(|s| s["phase"] == "Succeeded"),
     );
+    // The saga's calls are on the control plane's /metrics, under the sidecar's names.
+    let metrics = get(admin, "/metrics").expect("/metrics answers");
+    let payment_port = services
+        .iter()
+        .find(|(role, _, _)| *role == "payment")
+        .map(|(_, port, _)| *port)
+        .expect("payment");
+    for series in [
+        "sagamesh_requests_total{direction=\"outbound\",destination=\"payment.shop\",status_class=\"2xx\",error=\"\"} 1".to_string(),
+        format!("sagamesh_endpoint_attempts_total{{destination=\"payment.shop\",endpoint=\"127.0.0.1:{payment_port}\",outcome=\"success\"}} 1"),
+        "sagamesh_operator_discovery_watchers 0".to_string(),
+    ] {
+        assert!(metrics.contains(&series), "{series} missing from\n{metrics}");
+    }
     for (role, port, _) in &services {
         let effects: serde_json::Value =
             serde_json::from_str(&get(*port, "/debug/effects").expect("effects")).expect("json");

@@ -91,13 +91,15 @@ fn spec_hash(spec: &SagaSpec) -> String {
 
 impl LocalControlPlane {
     /// Opens the store; nothing runs until [`LocalControlPlane::run`].
+    /// Saga calls count in `mesh_metrics` (`sagamesh local` serves them on its `/metrics`).
     pub fn new(
         opts: LocalOptions,
         sinks: Vec<Arc<dyn RegistrationSink>>,
+        mesh_metrics: Metrics,
     ) -> Result<Arc<Self>, LocalError> {
         let store = FileStore::open(&opts.state)?;
         let discovery = StaticDiscovery::new();
-        let client = MeshClient::new(discovery.clone(), opts.client.clone(), Metrics::new());
+        let client = MeshClient::new(discovery.clone(), opts.client.clone(), mesh_metrics);
         Ok(Arc::new(Self {
             caller: Arc::new(MeshCaller::new(client)),
             opts,

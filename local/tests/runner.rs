@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 use sagamesh_api::saga::SagaPhase;
 use sagamesh_local::runner::{LocalControlPlane, LocalOptions};
 use sagamesh_saga::EngineConfig;
-use sagamesh_sidecar::ClientConfig;
+use sagamesh_sidecar::{ClientConfig, metrics::Metrics};
 use sagamesh_testing::{
     eventually,
     shop::{Fault, TestService},
@@ -97,7 +97,8 @@ async fn manifests_drive_sagas_and_bad_files_are_reported() {
     std::fs::write(dir.join("order-ok.yaml"), saga("ok", 10)).expect("write");
     std::fs::write(dir.join("broken.yaml"), "apiVersion: sagamesh.io/v1alpha1\nkind: Saga\nmetadata:\n  name: broken\nspec:\n  steps:\n    - name: x\n      action:\n        service: orders\n        path: no-slash\n").expect("write");
 
-    let cp = LocalControlPlane::new(options(&dir, &state), Vec::new()).expect("starts");
+    let cp =
+        LocalControlPlane::new(options(&dir, &state), Vec::new(), Metrics::new()).expect("starts");
     let runner = tokio::spawn(cp.clone().run(std::future::pending()));
     eventually("saga ok to succeed", Duration::from_secs(20), || async {
         (phase(&cp, "ok").await == Some(SagaPhase::Succeeded)).then_some(())
@@ -169,7 +170,8 @@ async fn a_control_plane_stopped_mid_saga_resumes_from_disk() {
     std::fs::write(dir.join("services.yaml"), registrations).expect("write");
     std::fs::write(dir.join("order.yaml"), saga("slow", 10)).expect("write");
 
-    let cp = LocalControlPlane::new(options(&dir, &state), Vec::new()).expect("starts");
+    let cp =
+        LocalControlPlane::new(options(&dir, &state), Vec::new(), Metrics::new()).expect("starts");
     let runner = tokio::spawn(cp.clone().run(std::future::pending()));
     eventually(
         "the saga to be in its slow step",
@@ -187,7 +189,8 @@ async fn a_control_plane_stopped_mid_saga_resumes_from_disk() {
     // The manifest is even gone: the stored spec is enough to finish.
     std::fs::remove_file(dir.join("order.yaml")).expect("remove");
 
-    let cp = LocalControlPlane::new(options(&dir, &state), Vec::new()).expect("restarts");
+    let cp = LocalControlPlane::new(options(&dir, &state), Vec::new(), Metrics::new())
+        .expect("restarts");
     let runner = tokio::spawn(cp.clone().run(std::future::pending()));
     eventually(
         "the resumed saga to succeed",

@@ -1,5 +1,8 @@
-//! Prometheus metrics of the operator, served on the admin port's `/metrics`. Every name starts
-//! with `sagamesh_operator_`; every label value comes from a fixed set (no unbounded series).
+//! Prometheus metrics of the operator, served on the admin port's `/metrics`. The operator's own
+//! names start with `sagamesh_operator_`; its saga calls' mesh metrics keep the sidecar's names
+//! (`sagamesh_requests_total`, `sagamesh_endpoint_attempts_total`, ...). Every label value comes
+//! from a fixed set or from the registered services and endpoints (series of endpoints that
+//! leave are removed).
 
 use std::time::Instant;
 
@@ -11,6 +14,7 @@ use prometheus_client::metrics::{
     histogram::{Histogram, exponential_buckets},
 };
 use prometheus_client::registry::Registry;
+use sagamesh_sidecar::metrics::{self as mesh_metrics, Metrics as MeshMetrics};
 
 /// The label of a reconcile error: one fixed value per error kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,11 +36,15 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Saga transitions, call latency and sagas running (`sagamesh_operator_saga_*`).
     pub saga: sagamesh_saga::kubernetes::SagaMetrics,
+    /// The mesh client's metrics of saga calls (`sagamesh_*`, the names every sidecar uses).
+    pub mesh: MeshMetrics,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("sagamesh_operator");
+        let mut root = Registry::default();
+        let mesh = MeshMetrics::register(root.sub_registry_with_prefix(mesh_metrics::PREFIX));
+        let registry = root.sub_registry_with_prefix("sagamesh_operator");
         let reconciles = Counter::default();
         registry.register(
             "reconciles",
@@ -91,10 +99,11 @@ impl Default for Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
-        let saga = sagamesh_saga::kubernetes::SagaMetrics::new(&mut registry);
+        let saga = sagamesh_saga::kubernetes::SagaMetrics::new(registry);
         Metrics {
-            registry,
+            registry: root,
             saga,
+            mesh,
             reconciles,
             reconcile_errors,
             reconcile_duration,
@@ -149,6 +158,12 @@ mod tests {
             .get_or_create(&ErrorLabels { error: "kube" })
             .inc();
         drop(m.reconcile_timer());
+        m.mesh
+            .retries
+            .get_or_create(&mesh_metrics::ServiceLabels {
+                destination: "orders.shop".into(),
+            })
+            .inc();
         let text = m.encode().expect("encode");
         for name in [
             "sagamesh_operator_reconciles_total 1",
@@ -158,6 +173,7 @@ mod tests {
             "sagamesh_operator_discovery_watchers 0",
             "sagamesh_operator_discovery_push_latency_seconds_count 0",
             "sagamesh_operator_leader 0",
+            "sagamesh_retries_total{destination=\"orders.shop\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -448,7 +448,7 @@ pub async fn run(
             // DoesNotExist for every service a step calls.
             leader::all_true(leader.clone(), index.ready()),
             reporter,
-            metrics.saga.clone(),
+            metrics.clone(),
             settings.watch_namespace.clone(),
             shutdown.clone(),
         );

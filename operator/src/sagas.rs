@@ -7,19 +7,19 @@ use std::sync::Arc;
 use kube::{Client, runtime::events::Reporter};
 use sagamesh_saga::{
     EngineConfig,
-    kubernetes::{KubeSagaStore, SagaController, SagaMetrics},
+    kubernetes::{KubeSagaStore, SagaController},
     mesh::MeshCaller,
 };
 use sagamesh_sidecar::{
     ClientConfig, MeshClient,
     discovery::{Discover as SidecarDiscover, Resolution, Watches},
-    metrics::Metrics as SidecarMetrics,
     name::ServiceKey,
 };
 use tokio::sync::watch;
 
 use crate::discovery::{Discover, View};
 use crate::index::SharedIndex;
+use crate::metrics::Metrics;
 
 fn resolution(view: &View) -> Resolution {
     match &view.snapshot {
@@ -77,13 +77,14 @@ impl SidecarDiscover for IndexDiscover {
 }
 
 /// Runs the saga controller until `shutdown` turns true; sagas run only while `leader` is true.
+/// Saga transitions count in `metrics.saga`, saga calls in `metrics.mesh` (both on `/metrics`).
 /// `namespace`: only that namespace's sagas (`--watch-namespace`), else all.
 pub async fn run(
     client: Client,
     index: SharedIndex,
     leader: watch::Receiver<bool>,
     reporter: Reporter,
-    metrics: SagaMetrics,
+    metrics: Arc<Metrics>,
     namespace: Option<String>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -95,9 +96,9 @@ pub async fn run(
         _ = shutdown.wait_for(|s| *s) => return,
     }
     let discover = IndexDiscover::new(index);
-    let mesh = MeshClient::new(discover, ClientConfig::default(), SidecarMetrics::new());
+    let mesh = MeshClient::new(discover, ClientConfig::default(), metrics.mesh.clone());
     let controller = SagaController {
-        store: KubeSagaStore::new(client.clone(), reporter, Some(metrics)),
+        store: KubeSagaStore::new(client.clone(), reporter, Some(metrics.saga.clone())),
         client,
         caller: Arc::new(MeshCaller::new(mesh)),
         config: EngineConfig::default(),

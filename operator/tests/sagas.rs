@@ -293,6 +293,14 @@ async fn the_other_replica_takes_the_lease_and_finishes_the_sagas() {
         .with_context(|| format!("survivor log:\n{}", survivor.log()))?;
         check_effects(&shop)?;
         ensure!(shop.payment.effects().len() == 5);
+        // The survivor's saga calls went through its mesh client, whose metrics its /metrics
+        // serves under the sidecar's names (the charges are all after the failover).
+        let charges = survivor
+            .metric(&format!(
+                "sagamesh_requests_total{{direction=\"outbound\",destination=\"payment.{ns}\",status_class=\"2xx\",error=\"\"}}"
+            ))
+            .await?;
+        ensure!(charges >= 1.0, "saga calls on /metrics: {charges}");
         survivor.ensure_never_forbidden()?;
         Ok(())
     })

@@ -730,11 +730,7 @@ mod tests {
         let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
-        let config = kube::Config::new(
-            format!("http://{unreachable}")
-                .parse()
-                .expect("valid URL"),
-        );
+        let config = kube::Config::new(format!("http://{unreachable}").parse().expect("valid URL"));
         let client = Client::try_from(config).expect("client");
         let (leader_tx, leader) = watch::channel(true);
         let ctx = Arc::new(Context {

@@ -113,7 +113,10 @@ async fn a_saga_runs_through_the_mesh_and_survives_a_dead_instance() {
         );
         // payment's one 503: an attempt the service saw, so the engine's to retry.
         let charge_attempts = if i == 0 { 2 } else { 1 };
-        assert_eq!(status.steps[1].action.attempts, charge_attempts, "{status:#?}");
+        assert_eq!(
+            status.steps[1].action.attempts, charge_attempts,
+            "{status:#?}"
+        );
         assert_eq!(status.steps[1].action.phase, CallPhase::Succeeded);
     }
     // Balanced over both live orders instances; every key applied once.
@@ -205,14 +208,16 @@ async fn a_failing_step_reaches_the_service_once_per_engine_attempt() {
         .iter()
         .filter(|r| r.path == "/charges")
         .count();
-    assert_eq!(charges, 3, "one request per engine attempt, none added by the mesh");
+    assert_eq!(
+        charges, 3,
+        "one request per engine attempt, none added by the mesh"
+    );
     // The mesh's retries of 5xx still apply to every other caller.
     let metrics = client.metrics().encode();
     assert!(
-        !metrics
-            .lines()
-            .any(|l| l.starts_with("sagamesh_retries_total{destination=\"payment.shop\"}")
-                && !l.ends_with(" 0")),
+        !metrics.lines().any(|l| l
+            .starts_with("sagamesh_retries_total{destination=\"payment.shop\"}")
+            && !l.ends_with(" 0")),
         "saga calls were retried by the mesh:\n{metrics}"
     );
 }

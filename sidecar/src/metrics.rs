@@ -53,10 +53,12 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
-/// Every metric of the sidecar.
+/// Every metric of the mesh client: the sidecar serves them on its admin port, the operator
+/// and `sagamesh local` (whose saga calls go through the same client) on their `/metrics`.
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Arc<Mutex<Registry>>,
+    /// The registry of [`Metrics::new`]; `None` when registered in the caller's registry.
+    registry: Option<Arc<Mutex<Registry>>>,
     /// Requests answered, by direction, destination, status class and mesh error.
     pub requests: Family<RequestLabels, Counter>,
     /// Time to response headers.
@@ -81,11 +83,26 @@ impl Default for Metrics {
     }
 }
 
+/// The prefix of every mesh metric's name.
+pub const PREFIX: &str = "sagamesh";
+
 impl Metrics {
+    /// The metrics in a registry of their own, named `sagamesh_*`; [`Metrics::encode`] renders it.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("sagamesh");
+        let mut registry = Registry::with_prefix(PREFIX);
+        let metrics = Self::register(&mut registry);
+        Metrics {
+            registry: Some(Arc::new(Mutex::new(registry))),
+            ..metrics
+        }
+    }
+
+    /// The metrics registered in the caller's `registry`, which serves them (give it a
+    /// sub-registry with the prefix [`PREFIX`] to keep the sidecar's names); [`Metrics::encode`]
+    /// is then empty.
+    pub fn register(registry: &mut Registry) -> Self {
         let m = Metrics {
-            registry: Arc::new(Mutex::new(Registry::default())),
+            registry: None,
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             attempts: Family::default(),
@@ -127,16 +144,13 @@ impl Metrics {
             "Requests in flight",
             m.in_flight.clone(),
         );
-        Metrics {
-            registry: Arc::new(Mutex::new(registry)),
-            ..m
-        }
+        m
     }
 
-    /// Prometheus text exposition.
+    /// OpenMetrics text of the registry of [`Metrics::new`] (empty for [`Metrics::register`]).
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        if let Ok(r) = self.registry.lock() {
+        if let Some(Ok(r)) = self.registry.as_ref().map(|r| r.lock()) {
             let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         }
         out

@@ -54,9 +54,7 @@ impl Sidecar {
     /// static table where every service is unknown.
     pub fn discovery_from_config(config: &Config) -> Result<Arc<dyn Discover>, StartError> {
         Ok(match (&config.discovery_addr, &config.manifests) {
-            (Some(addr), _) => {
-                GrpcDiscovery::new(addr, &config.caller, RECONNECT_BACKOFF)?
-            }
+            (Some(addr), _) => GrpcDiscovery::new(addr, &config.caller, RECONNECT_BACKOFF)?,
             (None, Some(path)) => {
                 FileDiscovery::spawn(path, &config.namespace, config.manifest_poll_interval)
             }

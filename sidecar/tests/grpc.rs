@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
+use sagamesh_api::backoff::{Backoff, Jitter};
 use sagamesh_api::discovery as pb;
 use sagamesh_api::discovery::discovery_server::{Discovery, DiscoveryServer};
 use sagamesh_api::service_registration as sr;
 use sagamesh_sidecar::discovery::StaticDiscovery;
-use sagamesh_api::backoff::{Backoff, Jitter};
 use sagamesh_sidecar::discovery::grpc::GrpcDiscovery;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;

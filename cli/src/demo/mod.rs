@@ -208,6 +208,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "200ms".into(),
             "--discovery-addr".into(),
             format!("127.0.0.1:{discovery_port}"),
+            "--admin-addr".into(),
+            format!("127.0.0.1:{}", free_port()?),
         ],
     )?;
     let discovery = format!("http://127.0.0.1:{discovery_port}");

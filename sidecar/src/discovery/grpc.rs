@@ -18,8 +18,11 @@ use crate::name::ServiceKey;
 
 /// Reconnect backoff of the discovery streams: 100 ms doubling to 5 s, equal jitter (never
 /// reconnects at once, never waits for nothing).
-pub const RECONNECT_BACKOFF: Backoff =
-    Backoff::new(Duration::from_millis(100), Duration::from_secs(5), Jitter::Equal);
+pub const RECONNECT_BACKOFF: Backoff = Backoff::new(
+    Duration::from_millis(100),
+    Duration::from_secs(5),
+    Jitter::Equal,
+);
 
 /// The connection to the control plane, shared by every stream; replaced after a failure.
 ///
@@ -68,11 +71,7 @@ pub struct AddressError(String, String);
 
 impl GrpcDiscovery {
     /// `address` like `http://127.0.0.1:8090`. Connects lazily.
-    pub fn new(
-        address: &str,
-        caller: &str,
-        backoff: Backoff,
-    ) -> Result<Arc<Self>, AddressError> {
+    pub fn new(address: &str, caller: &str, backoff: Backoff) -> Result<Arc<Self>, AddressError> {
         let endpoint = Endpoint::from_shared(address.to_string())
             .map_err(|e| AddressError(address.into(), e.to_string()))?
             .connect_timeout(Duration::from_secs(2))
@@ -96,7 +95,7 @@ impl GrpcDiscovery {
     fn start(&self, key: ServiceKey) {
         let channel = self.channel.clone();
         let watches = self.watches.clone();
-        let backoff = self.backoff.clone();
+        let backoff = self.backoff;
         let connected = self.connected.clone();
         let request = pb::WatchRequest {
             namespace: key.namespace.clone(),
