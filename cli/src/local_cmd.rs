@@ -10,13 +10,14 @@ use sagamesh_local::{
     discovery::LocalDiscovery,
     runner::{LocalControlPlane, LocalOptions, RegistrationSink},
 };
+use sagamesh_mesh::ClientConfig;
 use sagamesh_operator::{
     admin::{self, AdminState},
     discovery::{DiscoveryService, serve},
     metrics::Metrics,
 };
 use sagamesh_saga::EngineConfig;
-use sagamesh_sidecar::{ClientConfig, Sidecar};
+use sagamesh_sidecar::Sidecar;
 
 /// Flags of `sagamesh local`.
 #[derive(Debug, Clone, Args)]

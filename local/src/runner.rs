@@ -17,14 +17,13 @@ use std::{
 };
 
 use sagamesh_api::{discovery::snapshot_from_spec, saga::SagaSpec};
+use sagamesh_discovery::{StaticDiscovery, name::ServiceKey};
+use sagamesh_mesh::{ClientConfig, MeshClient, metrics::Metrics};
 use sagamesh_saga::{
     EngineConfig, SagaRef,
     file_store::{FileStore, FileStoreError},
-    mesh::MeshCaller,
 };
-use sagamesh_sidecar::{
-    ClientConfig, MeshClient, discovery::StaticDiscovery, metrics::Metrics, name::ServiceKey,
-};
+use sagamesh_saga_mesh::MeshCaller;
 use tokio::task::JoinHandle;
 
 use crate::manifest::{Located, Manifest, ManifestError, load_dir};

@@ -6,8 +6,8 @@ use std::{path::Path, time::Duration};
 
 use sagamesh_api::saga::SagaPhase;
 use sagamesh_local::runner::{LocalControlPlane, LocalOptions};
+use sagamesh_mesh::{ClientConfig, metrics::Metrics};
 use sagamesh_saga::EngineConfig;
-use sagamesh_sidecar::{ClientConfig, metrics::Metrics};
 use sagamesh_testing::{
     eventually,
     shop::{Fault, TestService},

@@ -10,7 +10,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use sagamesh_sidecar::exposition;
+use sagamesh_mesh::exposition;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 

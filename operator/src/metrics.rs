@@ -14,7 +14,7 @@ use prometheus_client::metrics::{
     histogram::{Histogram, exponential_buckets},
 };
 use prometheus_client::registry::Registry;
-use sagamesh_sidecar::metrics::{self as mesh_metrics, Metrics as MeshMetrics};
+use sagamesh_mesh::metrics::{self as mesh_metrics, Metrics as MeshMetrics};
 
 /// The label of a reconcile error: one fixed value per error kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

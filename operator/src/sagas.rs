@@ -5,16 +5,13 @@
 use std::sync::Arc;
 
 use kube::{Client, runtime::events::Reporter};
+use sagamesh_discovery::{Discover as SidecarDiscover, Resolution, Watches, name::ServiceKey};
+use sagamesh_mesh::{ClientConfig, MeshClient};
 use sagamesh_saga::{
     EngineConfig,
     kubernetes::{KubeSagaStore, SagaController},
-    mesh::MeshCaller,
 };
-use sagamesh_sidecar::{
-    ClientConfig, MeshClient,
-    discovery::{Discover as SidecarDiscover, Resolution, Watches},
-    name::ServiceKey,
-};
+use sagamesh_saga_mesh::MeshCaller;
 use tokio::sync::watch;
 
 use crate::discovery::{Discover, View};

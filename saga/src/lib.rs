@@ -9,7 +9,6 @@
 pub mod engine;
 pub mod file_store;
 pub mod kubernetes;
-pub mod mesh;
 pub mod state;
 pub mod template;
 

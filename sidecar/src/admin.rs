@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::body::BoxBody;
-use crate::client::MeshClient;
-use crate::exposition;
 use crate::proxy::text;
+use sagamesh_mesh::body::BoxBody;
+use sagamesh_mesh::client::MeshClient;
+use sagamesh_mesh::exposition;
 
 /// Admin handler state.
 #[derive(Clone)]

@@ -20,14 +20,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::body::{self, BoxBody};
-use crate::client::{ClientConfig, MeshClient, send_failure, strip_hop_by_hop};
-use crate::error::{ERROR_HEADER, MeshError};
-use crate::metrics::{DestinationLabels, Metrics, RequestLabels, status_class};
-use crate::name::parse_authority;
 use crate::otlp::{OtlpExporter, SpanKind, SpanRecord};
-use crate::pool::{Pool, PoolConfig};
 use crate::trace::{self, Sampler, TraceContext};
+use sagamesh_discovery::name::parse_authority;
+use sagamesh_mesh::body::{self, BoxBody};
+use sagamesh_mesh::client::{ClientConfig, MeshClient, send_failure, strip_hop_by_hop};
+use sagamesh_mesh::error::{ERROR_HEADER, MeshError};
+use sagamesh_mesh::metrics::{DestinationLabels, Metrics, RequestLabels, status_class};
+use sagamesh_mesh::pool::{Pool, PoolConfig};
 
 /// Exports the span of one proxied request, when OTLP export is on and the trace is sampled
 /// (an unsampled caller's trace, or a root the sampler left out, is only propagated).

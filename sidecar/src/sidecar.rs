@@ -9,14 +9,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::client::{ClientConfig, MeshClient};
 use crate::config::Config;
-use crate::discovery::file::FileDiscovery;
-use crate::discovery::grpc::{GrpcDiscovery, RECONNECT_BACKOFF};
-use crate::discovery::{Discover, StaticDiscovery};
-use crate::metrics::Metrics;
-use crate::pool::PoolConfig;
 use crate::proxy::{Inbound, Limits, Outbound, serve};
+use sagamesh_discovery::file::FileDiscovery;
+use sagamesh_discovery::grpc::{GrpcDiscovery, RECONNECT_BACKOFF};
+use sagamesh_discovery::{Discover, StaticDiscovery};
+use sagamesh_mesh::client::{ClientConfig, MeshClient};
+use sagamesh_mesh::metrics::Metrics;
+use sagamesh_mesh::pool::PoolConfig;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +27,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Discovery(#[from] crate::discovery::grpc::AddressError),
+    Discovery(#[from] sagamesh_discovery::grpc::AddressError),
 }
 
 /// A running sidecar.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use sagamesh_sidecar::discovery::StaticDiscovery;
+use sagamesh_discovery::StaticDiscovery;
 
 /// The tests of this file run one at a time: shares measured while another test's traffic
 /// competes for the two cores would measure the machine, not the balancer.

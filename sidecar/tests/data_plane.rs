@@ -9,9 +9,9 @@ use std::time::Duration;
 use common::*;
 use http::StatusCode;
 use sagamesh_api::service_registration as sr;
+use sagamesh_discovery::StaticDiscovery;
+use sagamesh_discovery::file::FileDiscovery;
 use sagamesh_sidecar::config::Config;
-use sagamesh_sidecar::discovery::StaticDiscovery;
-use sagamesh_sidecar::discovery::file::FileDiscovery;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn round_robin(mut s: sr::ServiceRegistrationSpec) -> sr::ServiceRegistrationSpec {
@@ -1018,9 +1018,9 @@ async fn consistent_hash_keeps_a_key_on_one_endpoint() {
 /// failed call may have been delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_client_as_a_library() {
-    use sagamesh_sidecar::metrics::Metrics;
-    use sagamesh_sidecar::name::{PortRef, ServiceKey, Target};
-    use sagamesh_sidecar::{ClientConfig, MeshClient, body};
+    use sagamesh_discovery::name::{PortRef, ServiceKey, Target};
+    use sagamesh_mesh::metrics::Metrics;
+    use sagamesh_mesh::{ClientConfig, MeshClient, body};
 
     let b = Backend::start("orders", [127, 0, 0, 1]);
     let d = StaticDiscovery::new();

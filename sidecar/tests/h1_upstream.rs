@@ -18,10 +18,10 @@ use common::*;
 use http::StatusCode;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use sagamesh_sidecar::discovery::StaticDiscovery;
-use sagamesh_sidecar::metrics::Metrics;
-use sagamesh_sidecar::name::{ServiceKey, Target};
-use sagamesh_sidecar::{ClientConfig, MeshClient, body};
+use sagamesh_discovery::StaticDiscovery;
+use sagamesh_discovery::name::{ServiceKey, Target};
+use sagamesh_mesh::metrics::Metrics;
+use sagamesh_mesh::{ClientConfig, MeshClient, body};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

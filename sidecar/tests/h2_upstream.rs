@@ -16,8 +16,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use sagamesh_discovery::StaticDiscovery;
 use sagamesh_sidecar::config::Config;
-use sagamesh_sidecar::discovery::StaticDiscovery;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
+use sagamesh_discovery::StaticDiscovery;
 use sagamesh_sidecar::config::Config;
-use sagamesh_sidecar::discovery::StaticDiscovery;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use http::StatusCode;
 use http_body_util::BodyExt;
+use sagamesh_discovery::StaticDiscovery;
 use sagamesh_sidecar::config::Config;
-use sagamesh_sidecar::discovery::StaticDiscovery;
 use sagamesh_sidecar::otlp::{ExportConfig, OtlpExporter, SpanKind, SpanRecord, USER_AGENT};
 use sagamesh_sidecar::trace::TraceContext;
 

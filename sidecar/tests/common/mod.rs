@@ -21,9 +21,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sagamesh_api::discovery as pb;
 use sagamesh_api::service_registration as sr;
+use sagamesh_discovery::Discover;
 use sagamesh_sidecar::Sidecar;
 use sagamesh_sidecar::config::Config;
-use sagamesh_sidecar::discovery::Discover;
 use tokio::runtime::Runtime;
 
 /// Every wait in a test is bounded by this.

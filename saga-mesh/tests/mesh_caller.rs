@@ -2,18 +2,18 @@
 //! balancing, the mesh moving a step off a dead instance, and one layer of retries (the
 //! engine's) for calls the service saw.
 
-mod common;
-
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use common::{Fault, TestService};
 use sagamesh_api::{
     discovery::snapshot_from_spec,
     saga::{CallPhase, SagaPhase, SagaSpec, SagaStatus},
     service_registration::ServiceRegistrationSpec,
 };
-use sagamesh_saga::{EngineConfig, Event, SagaRef, SagaStore, StoreError, mesh::MeshCaller, run};
-use sagamesh_sidecar::{ClientConfig, MeshClient, discovery::StaticDiscovery, metrics::Metrics};
+use sagamesh_discovery::StaticDiscovery;
+use sagamesh_mesh::{ClientConfig, MeshClient, metrics::Metrics};
+use sagamesh_saga::{EngineConfig, Event, SagaRef, SagaStore, StoreError, run};
+use sagamesh_saga_mesh::MeshCaller;
+use sagamesh_testing::shop::{Fault, TestService};
 use serde_json::json;
 
 #[derive(Default)]

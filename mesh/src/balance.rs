@@ -81,10 +81,6 @@ impl Balancer {
         }
     }
 
-    pub fn policy(&self) -> &BalancePolicy {
-        &self.policy
-    }
-
     /// Picks one of `candidates` (indices into `endpoints`, never empty when called with a
     /// useful result). `headers` feed ConsistentHash.
     pub fn pick(

@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod grpc;
+pub mod name;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -13,8 +13,8 @@ use sagamesh_api::discovery::discovery_client::DiscoveryClient;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Discover, Resolution, Watches};
 use crate::name::ServiceKey;
+use crate::{Discover, Resolution, Watches};
 
 /// Reconnect backoff of the discovery streams: 100 ms doubling to 5 s, equal jitter (never
 /// reconnects at once, never waits for nothing).

@@ -9,14 +9,14 @@
 use http_body_util::BodyExt;
 use hyper::{Method, Request};
 use sagamesh_api::saga::HttpMethod;
-use sagamesh_sidecar::{
+use sagamesh_discovery::name::{PortRef, ServiceKey, Target};
+use sagamesh_mesh::{
     MeshClient,
     body::{self, BoxBody},
-    name::{PortRef, ServiceKey, Target},
     retry::CallerRetries,
 };
 
-use crate::engine::{CallOutcome, CallRequest, ServiceCaller};
+use sagamesh_saga::{CallOutcome, CallRequest, ServiceCaller};
 
 /// Largest response body read from a saga call (outputs beyond 4 KiB are not kept anyway).
 const MAX_RESPONSE_BYTES: usize = 1 << 20;

@@ -27,16 +27,16 @@ use tower::retry::budget::{Budget, TpsBudget};
 use crate::balance::Balancer;
 use crate::body::{self, BoxBody, Guarded};
 use crate::breaker::{Admit, BreakerState};
-use crate::discovery::{Discover, Resolution};
 use crate::endpoint::{Endpoint, InFlight};
 use crate::error::MeshError;
 use crate::metrics::{
     DestinationLabels, DestinationMetrics, Metrics, RequestLabels, ServiceLabels, status_class,
 };
-use crate::name::{PortRef, ServiceKey, Target};
 use crate::policy::{RetryConfig, ServicePolicy};
 use crate::pool::{PoolConfig, SendError};
 use crate::retry::{self, Outcome};
+use sagamesh_discovery::name::{PortRef, ServiceKey, Target};
+use sagamesh_discovery::{Discover, Resolution};
 
 /// Client settings that are not per-service policy.
 #[derive(Clone, Debug)]
@@ -858,7 +858,7 @@ impl Drop for ProbeGuard {
 
 /// What a failed send to `endpoint` means: no connection (nothing was sent), the caller's own
 /// request body failing, or a failure on the connection after sending began.
-pub(crate) fn send_failure(endpoint: &str, e: SendError) -> (Outcome, MeshError) {
+pub fn send_failure(endpoint: &str, e: SendError) -> (Outcome, MeshError) {
     match e {
         SendError::Connect(reason) => (
             Outcome::ConnectFailure,

@@ -17,8 +17,8 @@ use sagamesh_api::ServiceRegistration;
 use sagamesh_api::discovery as pb;
 use tokio::sync::watch;
 
-use super::{Discover, Resolution, Watches};
 use crate::name::ServiceKey;
+use crate::{Discover, Resolution, Watches};
 
 /// Why one manifest document was not used.
 #[derive(Debug, thiserror::Error)]
