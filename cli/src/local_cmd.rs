@@ -10,10 +10,10 @@ use sagamesh_local::{
     discovery::LocalDiscovery,
     runner::{LocalControlPlane, LocalOptions, RegistrationSink},
 };
+use sagamesh_discovery::server::{DiscoveryService, serve};
 use sagamesh_mesh::ClientConfig;
 use sagamesh_operator::{
     admin::{self, AdminState},
-    discovery::{DiscoveryService, serve},
     metrics::Metrics,
 };
 use sagamesh_saga::EngineConfig;
@@ -93,7 +93,11 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening for admin on {}", args.admin_addr))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let service = DiscoveryService::new(discovery, metrics.clone(), stop_rx.clone());
+    let service = DiscoveryService::new(
+        discovery,
+        Arc::new(metrics.discovery.clone()),
+        stop_rx.clone(),
+    );
     let server = tokio::spawn(serve(listener, service, stop_rx.clone()));
     // Ready once serving: the manifests are read on the control plane's first poll, and a
     // manifest error is reported, not fatal.

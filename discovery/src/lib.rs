@@ -10,6 +10,7 @@
 pub mod file;
 pub mod grpc;
 pub mod name;
+pub mod server;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

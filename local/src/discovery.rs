@@ -1,5 +1,5 @@
 //! Local mode's discovery source: the registrations from the manifest directory, served by the
-//! operator's own discovery gRPC server ([`sagamesh_operator::discovery`]), so sidecars in local
+//! operator's own discovery gRPC server ([`sagamesh_discovery::server`]), so sidecars in local
 //! mode watch exactly the API they watch in a cluster.
 
 use std::{
@@ -12,7 +12,7 @@ use std::{
 };
 
 use sagamesh_api::discovery::Snapshot;
-use sagamesh_operator::discovery::{Discover, View};
+use sagamesh_discovery::server::{Source, View};
 use tokio::sync::watch;
 
 use crate::runner::RegistrationSink;
@@ -87,7 +87,7 @@ impl RegistrationSink for LocalDiscovery {
     }
 }
 
-impl Discover for LocalDiscovery {
+impl Source for LocalDiscovery {
     fn ready(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
     }

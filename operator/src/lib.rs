@@ -11,7 +11,6 @@
 //! - [`runtime`]: the wiring.
 
 pub mod admin;
-pub mod discovery;
 pub mod index;
 pub mod leader;
 pub mod metrics;

@@ -14,6 +14,7 @@ use prometheus_client::metrics::{
     histogram::{Histogram, exponential_buckets},
 };
 use prometheus_client::registry::Registry;
+use sagamesh_discovery::server::ServerMetrics;
 use sagamesh_mesh::metrics::{self as mesh_metrics, Metrics as MeshMetrics};
 
 /// The label of a reconcile error: one fixed value per error kind.
@@ -30,9 +31,8 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub status_writes: Counter,
     pub events_published: Counter,
-    pub watchers: Gauge,
-    pub updates_sent: Counter,
-    pub push_latency: Histogram,
+    /// The discovery server's (`sagamesh_operator_discovery_*`).
+    pub discovery: ServerMetrics,
     pub leader: Gauge,
     /// Saga transitions, call latency and sagas running (`sagamesh_operator_saga_*`).
     pub saga: sagamesh_saga::kubernetes::SagaMetrics,
@@ -75,24 +75,8 @@ impl Default for Metrics {
             "Kubernetes Events published on condition transitions",
             events_published.clone(),
         );
-        let watchers = Gauge::default();
-        registry.register(
-            "discovery_watchers",
-            "Discovery Watch streams open",
-            watchers.clone(),
-        );
-        let updates_sent = Counter::default();
-        registry.register(
-            "discovery_updates",
-            "Discovery updates sent to watchers (coalesced per watcher)",
-            updates_sent.clone(),
-        );
-        let push_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
-        registry.register(
-            "discovery_push_latency_seconds",
-            "Time from a change in the index to its update leaving for a watcher",
-            push_latency.clone(),
-        );
+        let discovery = ServerMetrics::default();
+        discovery.register(registry);
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -109,9 +93,7 @@ impl Default for Metrics {
             reconcile_duration,
             status_writes,
             events_published,
-            watchers,
-            updates_sent,
-            push_latency,
+            discovery,
             leader,
         }
     }

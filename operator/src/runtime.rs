@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::admin::{self, AdminState};
-use crate::discovery::{self, Discover, DiscoveryService};
+use sagamesh_discovery::server::{self as discovery, DiscoveryService, Source};
 use crate::index::{Indexed, SharedIndex};
 use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
@@ -488,7 +488,11 @@ pub async fn run(
         admin.await;
         Ok::<_, std::convert::Infallible>(())
     });
-    let service = DiscoveryService::new(Arc::new(index.clone()), metrics.clone(), shutdown.clone());
+    let service = DiscoveryService::new(
+        Arc::new(index.clone()),
+        Arc::new(metrics.discovery.clone()),
+        shutdown.clone(),
+    );
     parts.spawn(
         "discovery server",
         discovery::serve(discovery_listener, service, shutdown.clone()),

@@ -14,7 +14,7 @@ use sagamesh_saga::{
 use sagamesh_saga_mesh::MeshCaller;
 use tokio::sync::watch;
 
-use crate::discovery::{Discover, View};
+use sagamesh_discovery::server::{Source, View};
 use crate::index::SharedIndex;
 use crate::metrics::Metrics;
 

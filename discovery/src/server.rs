@@ -1,8 +1,8 @@
 //! The discovery gRPC server: `Watch(namespace, service)` answers with the service's full state
 //! at once and then with every change.
 //!
-//! This module knows nothing of Kubernetes: it reads plain [`View`]s from a [`Discover`] source
-//! (the operator's index, or anything else, e.g. local mode's manifest directory). Every watcher
+//! It knows nothing of Kubernetes: it reads plain [`View`]s from a [`Source`] (the operator's
+//! index, or local mode's manifest directory). Every watcher
 //! of a service shares one `tokio::sync::watch` channel, so a slow watcher only ever gets the
 //! latest view (coalesced) and never holds back the others, and no watcher causes an API call.
 
@@ -16,7 +16,55 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
-use crate::metrics::Metrics;
+use prometheus_client::metrics::{
+    counter::Counter,
+    gauge::Gauge,
+    histogram::{Histogram, exponential_buckets},
+};
+use prometheus_client::registry::Registry;
+
+/// The server's metrics; [`ServerMetrics::register`] names them `discovery_*` in the caller's
+/// registry (the operator's: `sagamesh_operator_discovery_*`).
+#[derive(Clone, Debug)]
+pub struct ServerMetrics {
+    /// Watch streams open.
+    pub watchers: Gauge,
+    /// Updates sent to watchers (coalesced per watcher).
+    pub updates_sent: Counter,
+    /// Time from a change in the source to its update leaving for a watcher.
+    pub push_latency: Histogram,
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        Self {
+            watchers: Gauge::default(),
+            updates_sent: Counter::default(),
+            push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+        }
+    }
+}
+
+impl ServerMetrics {
+    /// Registers every metric in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "discovery_watchers",
+            "Discovery Watch streams open",
+            self.watchers.clone(),
+        );
+        registry.register(
+            "discovery_updates",
+            "Discovery updates sent to watchers (coalesced per watcher)",
+            self.updates_sent.clone(),
+        );
+        registry.register(
+            "discovery_push_latency_seconds",
+            "Time from a change in the index to its update leaving for a watcher",
+            self.push_latency.clone(),
+        );
+    }
+}
 
 /// The state of one destination service, as watchers see it.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,8 +99,8 @@ impl View {
     }
 }
 
-/// A source of views: the operator's index implements it.
-pub trait Discover: Send + Sync + 'static {
+/// A source of views: the operator's index and local mode's manifest table implement it.
+pub trait Source: Send + Sync + 'static {
     /// Becomes `true` once the source holds a complete picture (initial lists done). Watches
     /// are answered only after that, so a restarting control plane never pushes a half-empty
     /// state to the sidecars.
@@ -73,13 +121,13 @@ const READY_WAIT: Duration = Duration::from_secs(30);
 /// The `sagamesh.discovery.v1.Discovery` service.
 pub struct DiscoveryService<D> {
     source: Arc<D>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
     shutdown: watch::Receiver<bool>,
 }
 
-impl<D: Discover> DiscoveryService<D> {
+impl<D: Source> DiscoveryService<D> {
     /// `shutdown` turning `true` ends every open stream cleanly.
-    pub fn new(source: Arc<D>, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(source: Arc<D>, metrics: Arc<ServerMetrics>, shutdown: watch::Receiver<bool>) -> Self {
         DiscoveryService {
             source,
             metrics,
@@ -105,14 +153,14 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Keeps the watcher gauge right and tells the source when a watcher goes away.
-struct WatchGuard<D: Discover> {
+struct WatchGuard<D: Source> {
     source: Arc<D>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
     namespace: String,
     service: String,
 }
 
-impl<D: Discover> Drop for WatchGuard<D> {
+impl<D: Source> Drop for WatchGuard<D> {
     fn drop(&mut self) {
         self.metrics.watchers.dec();
         self.source.release(&self.namespace, &self.service);
@@ -122,7 +170,7 @@ impl<D: Discover> Drop for WatchGuard<D> {
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::Update, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl<D: Discover> pb::discovery_server::Discovery for DiscoveryService<D> {
+impl<D: Source> pb::discovery_server::Discovery for DiscoveryService<D> {
     type WatchStream = UpdateStream;
 
     async fn watch(
@@ -183,7 +231,7 @@ impl<D: Discover> pb::discovery_server::Discovery for DiscoveryService<D> {
 }
 
 /// Serves the discovery API on `listener` until `shutdown` turns `true`.
-pub async fn serve<D: Discover>(
+pub async fn serve<D: Source>(
     listener: tokio::net::TcpListener,
     service: DiscoveryService<D>,
     shutdown: watch::Receiver<bool>,
@@ -220,7 +268,7 @@ const DRAIN_CONNECTIONS: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use parking_lot::Mutex;
+    use std::sync::Mutex;
     use pb::discovery_server::Discovery as _;
     use std::collections::HashMap;
 
@@ -240,7 +288,7 @@ mod tests {
             })
         }
         fn set(&self, service: &str, view: View) {
-            let mut views = self.views.lock();
+            let mut views = self.views.lock().expect("lock");
             let tx = views
                 .entry(service.to_string())
                 .or_insert_with(|| watch::channel(Arc::new(View::does_not_exist(0))).0);
@@ -248,19 +296,19 @@ mod tests {
         }
     }
 
-    impl Discover for Fake {
+    impl Source for Fake {
         fn ready(&self) -> watch::Receiver<bool> {
             self.ready.subscribe()
         }
         fn subscribe(&self, _ns: &str, service: &str) -> watch::Receiver<Arc<View>> {
-            let mut views = self.views.lock();
+            let mut views = self.views.lock().expect("lock");
             views
                 .entry(service.to_string())
                 .or_insert_with(|| watch::channel(Arc::new(View::does_not_exist(1))).0)
                 .subscribe()
         }
         fn release(&self, _ns: &str, service: &str) {
-            self.released.lock().push(service.to_string());
+            self.released.lock().expect("lock").push(service.to_string());
         }
     }
 
@@ -292,7 +340,7 @@ mod tests {
     #[tokio::test]
     async fn sends_current_state_then_latest_change_coalesced() {
         let fake = Fake::new();
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(ServerMetrics::default());
         let (_stop_tx, stop) = watch::channel(false);
         let svc = DiscoveryService::new(fake.clone(), metrics.clone(), stop);
         let mut stream = svc
@@ -330,14 +378,14 @@ mod tests {
         assert_eq!(metrics.watchers.get(), 1);
         drop(stream);
         assert_eq!(metrics.watchers.get(), 0);
-        assert_eq!(fake.released.lock().as_slice(), ["orders".to_string()]);
+        assert_eq!(fake.released.lock().expect("lock").as_slice(), ["orders".to_string()]);
     }
 
     #[tokio::test]
     async fn refuses_bad_names() {
         let fake = Fake::new();
         let (_stop_tx, stop) = watch::channel(false);
-        let svc = DiscoveryService::new(fake, Arc::new(Metrics::default()), stop);
+        let svc = DiscoveryService::new(fake, Arc::new(ServerMetrics::default()), stop);
         for bad in ["", "Orders", "a/b", "-x", &"x".repeat(64)] {
             let err = svc.watch(request(bad)).await.err().expect("refused");
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
@@ -348,7 +396,7 @@ mod tests {
     async fn streams_end_on_shutdown() {
         let fake = Fake::new();
         let (stop_tx, stop) = watch::channel(false);
-        let svc = DiscoveryService::new(fake, Arc::new(Metrics::default()), stop);
+        let svc = DiscoveryService::new(fake, Arc::new(ServerMetrics::default()), stop);
         let mut stream = svc
             .watch(request("orders"))
             .await
