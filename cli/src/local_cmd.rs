@@ -6,11 +6,11 @@ use anyhow::Context;
 use clap::Args;
 use std::sync::Arc;
 
+use sagamesh_discovery::server::{DiscoveryService, serve};
 use sagamesh_local::{
     discovery::LocalDiscovery,
     runner::{LocalControlPlane, LocalOptions, RegistrationSink},
 };
-use sagamesh_discovery::server::{DiscoveryService, serve};
 use sagamesh_mesh::ClientConfig;
 use sagamesh_operator::{
     admin::{self, AdminState},

@@ -1,7 +1,7 @@
 //! The discovery gRPC server: `Watch(namespace, service)` answers with the service's full state
 //! at once and then with every change.
 //!
-//! It knows nothing of Kubernetes: it reads plain [`View`]s from a [`Source`] (the operator's
+//! It knows nothing of Kubernetes: it reads plain [`View`]s from a [`ViewSource`] (the operator's
 //! index, or local mode's manifest directory). Every watcher
 //! of a service shares one `tokio::sync::watch` channel, so a slow watcher only ever gets the
 //! latest view (coalesced) and never holds back the others, and no watcher causes an API call.
@@ -100,7 +100,7 @@ impl View {
 }
 
 /// A source of views: the operator's index and local mode's manifest table implement it.
-pub trait Source: Send + Sync + 'static {
+pub trait ViewSource: Send + Sync + 'static {
     /// Becomes `true` once the source holds a complete picture (initial lists done). Watches
     /// are answered only after that, so a restarting control plane never pushes a half-empty
     /// state to the sidecars.
@@ -125,9 +125,13 @@ pub struct DiscoveryService<D> {
     shutdown: watch::Receiver<bool>,
 }
 
-impl<D: Source> DiscoveryService<D> {
+impl<D: ViewSource> DiscoveryService<D> {
     /// `shutdown` turning `true` ends every open stream cleanly.
-    pub fn new(source: Arc<D>, metrics: Arc<ServerMetrics>, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        source: Arc<D>,
+        metrics: Arc<ServerMetrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         DiscoveryService {
             source,
             metrics,
@@ -153,14 +157,14 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Keeps the watcher gauge right and tells the source when a watcher goes away.
-struct WatchGuard<D: Source> {
+struct WatchGuard<D: ViewSource> {
     source: Arc<D>,
     metrics: Arc<ServerMetrics>,
     namespace: String,
     service: String,
 }
 
-impl<D: Source> Drop for WatchGuard<D> {
+impl<D: ViewSource> Drop for WatchGuard<D> {
     fn drop(&mut self) {
         self.metrics.watchers.dec();
         self.source.release(&self.namespace, &self.service);
@@ -170,7 +174,7 @@ impl<D: Source> Drop for WatchGuard<D> {
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::Update, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl<D: Source> pb::discovery_server::Discovery for DiscoveryService<D> {
+impl<D: ViewSource> pb::discovery_server::Discovery for DiscoveryService<D> {
     type WatchStream = UpdateStream;
 
     async fn watch(
@@ -231,7 +235,7 @@ impl<D: Source> pb::discovery_server::Discovery for DiscoveryService<D> {
 }
 
 /// Serves the discovery API on `listener` until `shutdown` turns `true`.
-pub async fn serve<D: Source>(
+pub async fn serve<D: ViewSource>(
     listener: tokio::net::TcpListener,
     service: DiscoveryService<D>,
     shutdown: watch::Receiver<bool>,
@@ -268,9 +272,9 @@ const DRAIN_CONNECTIONS: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
     use pb::discovery_server::Discovery as _;
     use std::collections::HashMap;
+    use std::sync::Mutex;
 
     /// A source with one settable view per service.
     struct Fake {
@@ -296,7 +300,7 @@ mod tests {
         }
     }
 
-    impl Source for Fake {
+    impl ViewSource for Fake {
         fn ready(&self) -> watch::Receiver<bool> {
             self.ready.subscribe()
         }
@@ -308,7 +312,10 @@ mod tests {
                 .subscribe()
         }
         fn release(&self, _ns: &str, service: &str) {
-            self.released.lock().expect("lock").push(service.to_string());
+            self.released
+                .lock()
+                .expect("lock")
+                .push(service.to_string());
         }
     }
 
@@ -378,7 +385,10 @@ mod tests {
         assert_eq!(metrics.watchers.get(), 1);
         drop(stream);
         assert_eq!(metrics.watchers.get(), 0);
-        assert_eq!(fake.released.lock().expect("lock").as_slice(), ["orders".to_string()]);
+        assert_eq!(
+            fake.released.lock().expect("lock").as_slice(),
+            ["orders".to_string()]
+        );
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use std::{
 };
 
 use sagamesh_api::discovery::Snapshot;
-use sagamesh_discovery::server::{Source, View};
+use sagamesh_discovery::server::{View, ViewSource};
 use tokio::sync::watch;
 
 use crate::runner::RegistrationSink;
@@ -87,7 +87,7 @@ impl RegistrationSink for LocalDiscovery {
     }
 }
 
-impl Source for LocalDiscovery {
+impl ViewSource for LocalDiscovery {
     fn ready(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
     }

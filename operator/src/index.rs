@@ -27,7 +27,7 @@ use sagamesh_api::discovery as pb;
 use sagamesh_api::{ServiceRegistration, service_registration as sr};
 use tokio::sync::{mpsc, watch};
 
-use sagamesh_discovery::server::{Source, View};
+use sagamesh_discovery::server::{View, ViewSource};
 
 /// The label the EndpointSlice controller puts on a Service's slices.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -570,7 +570,7 @@ impl Index {
     }
 }
 
-impl Source for SharedIndex {
+impl ViewSource for SharedIndex {
     fn ready(&self) -> watch::Receiver<bool> {
         self.0.read().ready.subscribe()
     }

@@ -32,11 +32,11 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::admin::{self, AdminState};
-use sagamesh_discovery::server::{self as discovery, DiscoveryService, Source};
 use crate::index::{Indexed, SharedIndex};
 use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Context};
+use sagamesh_discovery::server::{self as discovery, DiscoveryService, ViewSource};
 
 /// Everything the operator needs to run.
 #[derive(Clone, Debug)]

@@ -14,9 +14,9 @@ use sagamesh_saga::{
 use sagamesh_saga_mesh::MeshCaller;
 use tokio::sync::watch;
 
-use sagamesh_discovery::server::{Source, View};
 use crate::index::SharedIndex;
 use crate::metrics::Metrics;
+use sagamesh_discovery::server::{View, ViewSource};
 
 fn resolution(view: &View) -> Resolution {
     match &view.snapshot {
