@@ -261,6 +261,11 @@ impl Headers {
         &self.header_block.pseudo
     }
 
+    /// Whether the block has any pseudo-header field (Sagamesh patch, for trailers).
+    pub(crate) fn has_pseudo(&self) -> bool {
+        self.header_block.pseudo != Pseudo::default()
+    }
+
     /// Whether it has status 1xx
     pub(crate) fn is_informational(&self) -> bool {
         self.header_block.pseudo.is_informational()
