@@ -12,6 +12,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod breaker;
+pub mod caller;
 pub mod client;
 pub mod config;
 pub mod discovery;
