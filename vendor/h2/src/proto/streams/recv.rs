@@ -427,6 +427,15 @@ impl Recv {
             return Err(Error::library_reset(stream.id, Reason::PROTOCOL_ERROR));
         }
 
+        // Sagamesh patch: pseudo-header fields are not allowed in trailers; such a block is
+        // malformed, a stream error PROTOCOL_ERROR (RFC 9113 §8.1, §8.3). Upstream 0.4.20
+        // dropped the pseudo fields and delivered the rest as trailers. Checked after the
+        // state transition, so trailers on a closed stream still get STREAM_CLOSED.
+        if frame.has_pseudo() {
+            proto_err!(stream: "recv_trailers: trailers contain pseudo-header fields; stream={:?};", stream.id);
+            return Err(Error::library_reset(stream.id, Reason::PROTOCOL_ERROR));
+        }
+
         let trailers = frame.into_fields();
 
         // Push the frame onto the stream's recv buffer

@@ -590,14 +590,6 @@ impl Inner {
                     return Err(Error::library_reset(stream.id, Reason::PROTOCOL_ERROR));
                 }
 
-                // Sagamesh patch: pseudo-header fields are not allowed in trailers; such a
-                // block is malformed, a stream error PROTOCOL_ERROR (RFC 9113 §8.1, §8.3).
-                // Upstream 0.4.20 dropped the pseudo fields and delivered the rest as trailers.
-                if frame.has_pseudo() {
-                    proto_err!(stream: "recv_headers: trailers contain pseudo-header fields; stream={:?}", stream.id);
-                    return Err(Error::library_reset(stream.id, Reason::PROTOCOL_ERROR));
-                }
-
                 actions.recv.recv_trailers(frame, stream)
             };
 
