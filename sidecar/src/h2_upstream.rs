@@ -279,10 +279,13 @@ struct Pipe {
 
 impl Pipe {
     fn fail(&mut self, e: BodyError) {
-        self.stream.send_reset(Reason::CANCEL);
+        // Recorded before the reset: the reset wakes the response future, on another worker
+        // thread maybe, and it must find the caller's error there, or the endpoint is blamed
+        // (`502 reset`, a breaker failure) instead of the caller (`413`/`400`).
         if let Ok(mut slot) = self.error.lock() {
             *slot = Some(e);
         }
+        self.stream.send_reset(Reason::CANCEL);
     }
 
     fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), h2::Error> {
