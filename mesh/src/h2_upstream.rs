@@ -8,10 +8,23 @@
 //! Here the request's own task sends the headers, sends a body that has already arrived in
 //! full together with them, and awaits the response; only a body still streaming in gets a
 //! pipe task. Flow-control windows and limits are hyper's client defaults.
+//!
+//! A stream opens only when the endpoint has room for it, and never for a caller that has gone.
+//! h2 queues a stream sent beyond the endpoint's `SETTINGS_MAX_CONCURRENT_STREAMS` and opens
+//! it later, sending its HEADERS (then a RST_STREAM) even if its caller has gone by then; and
+//! `SendRequest::poll_ready` cannot tell, because h2 counts a stream as open only once the
+//! connection's task has run, so a burst of requests on one runtime thread all look ready.
+//! A caller that opened 500 streams and left 50 ms later had 300-320 HEADERS reach an
+//! endpoint allowing 100, 200-220 of them after it left, and a live request then got `502`
+//! (issue #13; an h2 server may take such bursts of resets for a reset flood). So each
+//! connection counts its streams in use itself ([`Slot`]: from before the HEADERS until the
+//! response body ends or is dropped and the request body is sent or given up), against the
+//! endpoint's current limit; requests wait for a slot one at a time (fair, in arrival order),
+//! and a request whose caller has gone meanwhile ([`crate::caller`]) takes none.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
@@ -21,8 +34,10 @@ use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::body::{self, Arrived, BodyError, BoxBody};
+use crate::caller::{self, Gone};
 
 // hyper's client defaults, kept so the switch changes nothing on the wire.
 const CONN_WINDOW: u32 = 5 * 1024 * 1024;
@@ -35,8 +50,37 @@ const INITIAL_MAX_SEND_STREAMS: usize = 100;
 /// One HTTP/2 connection to an endpoint. Cheap to clone; clones share the connection.
 #[derive(Clone, Debug)]
 pub struct Connection {
-    tx: SendRequest<Bytes>,
+    /// The handle streams are opened with, one request at a time (see the module docs).
+    opener: Arc<tokio::sync::Mutex<SendRequest<Bytes>>>,
+    slots: Arc<Slots>,
     closed: Arc<AtomicBool>,
+}
+
+/// The streams of a connection in use, and a wake-up for the request waiting for one.
+#[derive(Debug, Default)]
+struct Slots {
+    in_use: AtomicUsize,
+    freed: Notify,
+}
+
+/// One stream's place in the endpoint's concurrent streams; given back when dropped.
+#[derive(Debug)]
+struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// Held by the response body, and shared with the pipe task when there is one (the stream is
+/// in use until both are done).
+#[derive(Debug)]
+#[expect(dead_code, reason = "held for its drop")]
+enum SlotRef {
+    Own(Slot),
+    Shared(Arc<Slot>),
 }
 
 /// Why a request did not get a response.
@@ -71,7 +115,11 @@ impl Connection {
             }
             flag.store(true, Ordering::Release);
         });
-        Ok(Connection { tx, closed })
+        Ok(Connection {
+            opener: Arc::new(tokio::sync::Mutex::new(tx)),
+            slots: Arc::default(),
+            closed,
+        })
     }
 
     /// Whether the connection has ended (a new request needs a new one).
@@ -82,10 +130,27 @@ impl Connection {
     /// Sends `req` (absolute URI: h2 takes `:scheme` and `:authority` from it) and waits for
     /// the response head.
     pub async fn send(&self, req: Request<BoxBody>) -> Result<Response<BoxBody>, Error> {
-        let mut tx = match self.tx.clone().ready().await {
-            Ok(tx) => tx,
-            Err(e) => return Err(Error::NotSent(e, Box::new(req))),
+        // One request at a time waits for room; the others wait their turn here.
+        let mut opener = self.opener.lock().await;
+        let slot = loop {
+            let freed = self.slots.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            let in_use = self.slots.in_use.load(Ordering::Acquire);
+            if in_use < opener.current_max_send_streams() {
+                self.slots.in_use.fetch_add(1, Ordering::AcqRel);
+                break Slot(self.slots.clone());
+            }
+            freed.await;
         };
+        if let Err(e) = std::future::poll_fn(|cx| opener.poll_ready(cx)).await {
+            return Err(Error::NotSent(e, Box::new(req)));
+        }
+        // Woken for a caller that has gone: no stream for it. Its own error, not the
+        // endpoint's (see `Gone`).
+        if caller::has_gone() {
+            return Err(Error::Failed(Box::new(BodyError(Box::new(Gone)))));
+        }
         let (parts, body) = req.into_parts();
         // A body that has already arrived in full (a unary gRPC call's one message, a small
         // POST) goes out with the headers.
@@ -93,31 +158,36 @@ impl Connection {
             .await
             .map_err(|e| Error::Failed(Box::new(e)))?;
         let end_of_stream = matches!(&body, Arrived::Complete(data) if data.is_empty());
-        let (response, mut stream) = tx
+        let (response, mut stream) = opener
             .send_request(Request::from_parts(parts, ()), end_of_stream)
             .map_err(|e| Error::Failed(e.into()))?;
+        drop(opener);
         // Where a pipe task records the caller's body failing (only when there is one).
         let mut body_error: Option<Arc<Mutex<Option<BodyError>>>> = None;
-        match body {
+        let slot = match body {
             Arrived::Complete(data) => {
                 if !end_of_stream {
                     stream
                         .send_data(data, true)
                         .map_err(|e| Error::Failed(e.into()))?;
                 }
+                SlotRef::Own(slot)
             }
             Arrived::Streaming(body) => {
                 let error = Arc::new(Mutex::new(None));
                 body_error = Some(error.clone());
+                let slot = Arc::new(slot);
                 let pipe = Pipe {
                     body,
                     stream,
                     pending: None,
                     error,
+                    _slot: slot.clone(),
                 };
                 tokio::spawn(pipe);
+                SlotRef::Shared(slot)
             }
-        }
+        };
         match response.await {
             Ok(resp) => {
                 let size = if resp.body().is_end_stream() {
@@ -133,6 +203,7 @@ impl Connection {
                         recv,
                         data_done: false,
                         size,
+                        slot: Some(slot),
                     })
                 }))
             }
@@ -154,6 +225,8 @@ struct ResponseBody {
     recv: RecvStream,
     data_done: bool,
     size: SizeHint,
+    /// Given back at the end of the body, or when it is dropped.
+    slot: Option<SlotRef>,
 }
 
 impl Body for ResponseBody {
@@ -174,7 +247,9 @@ impl Body for ResponseBody {
                 None => self.data_done = true,
             }
         }
-        match ready!(self.recv.poll_trailers(cx)) {
+        let polled = ready!(self.recv.poll_trailers(cx));
+        self.slot = None;
+        match polled {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(BodyError(Box::new(e))))),
@@ -198,14 +273,19 @@ struct Pipe {
     stream: SendStream<Bytes>,
     pending: Option<Frame<Bytes>>,
     error: Arc<Mutex<Option<BodyError>>>,
+    /// The stream's slot, shared with the response body.
+    _slot: Arc<Slot>,
 }
 
 impl Pipe {
     fn fail(&mut self, e: BodyError) {
-        self.stream.send_reset(Reason::CANCEL);
+        // Recorded before the reset: the reset wakes the response future, on another worker
+        // thread maybe, and it must find the caller's error there, or the endpoint is blamed
+        // (`502 reset`, a breaker failure) instead of the caller (`413`/`400`).
         if let Ok(mut slot) = self.error.lock() {
             *slot = Some(e);
         }
+        self.stream.send_reset(Reason::CANCEL);
     }
 
     fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), h2::Error> {

@@ -10,12 +10,16 @@
 pub(crate) mod balance;
 pub mod body;
 pub(crate) mod breaker;
+pub mod caller;
 pub mod client;
 pub(crate) mod endpoint;
 pub mod error;
 pub mod exposition;
 pub(crate) mod h1_upstream;
-pub(crate) mod h2_upstream;
+/// Public for the sidecar's HTTP/2 stream tests (`sidecar/tests/h2_streams.rs`), which drive
+/// one upstream connection by hand; callers use [`MeshClient`].
+#[doc(hidden)]
+pub mod h2_upstream;
 pub mod metrics;
 pub mod policy;
 pub mod pool;

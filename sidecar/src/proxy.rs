@@ -24,6 +24,7 @@ use crate::otlp::{OtlpExporter, SpanKind, SpanRecord};
 use crate::trace::{self, Sampler, TraceContext};
 use sagamesh_discovery::name::parse_authority;
 use sagamesh_mesh::body::{self, BoxBody};
+use sagamesh_mesh::caller::{self, Caller};
 use sagamesh_mesh::client::{ClientConfig, MeshClient, send_failure, strip_hop_by_hop};
 use sagamesh_mesh::error::{ERROR_HEADER, MeshError};
 use sagamesh_mesh::metrics::{DestinationLabels, Metrics, RequestLabels, status_class};
@@ -215,6 +216,9 @@ pub async fn serve<S, F>(
                 // the head timeout below.
                 let got_head = Arc::new(AtomicBool::new(false));
                 let seen = got_head.clone();
+                // Marked gone when the connection's task ends (see `caller`).
+                let caller = Caller::new();
+                let gone_on_end = caller.gone_on_drop();
                 let svc = service_fn(move |req| {
                     // A load first: on HTTP/2 many streams share the flag, so no write per
                     // request once it is set.
@@ -228,13 +232,16 @@ pub async fn serve<S, F>(
                     // on the stack and then copied in.
                     let handler = handler.clone();
                     let fut: Pin<Box<dyn Future<Output = Response<BoxBody>> + Send>> =
-                        Box::pin(async move { handler(req, peer).await });
+                        Box::pin(caller::scope(caller.clone(), async move {
+                            handler(req, peer).await
+                        }));
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                 let conn = graceful.watch(conn);
                 let head_timeout = limits.header_read_timeout;
                 tokio::spawn(async move {
+                    let _gone_on_end = gone_on_end;
                     let mut conn = std::pin::pin!(conn);
                     // hyper's HTTP/1 head timer only starts once hyper_util has told HTTP/1
                     // from HTTP/2 (which waits for bytes), and HTTP/2 has none: a silent
