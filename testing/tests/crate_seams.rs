@@ -1,0 +1,72 @@
+//! The workspace's seams hold: the data plane compiles no Kubernetes client, the saga engine
+//! knows neither the mesh nor discovery, local mode runs without the operator. Read from
+//! `cargo tree` (normal and build dependencies, offline, from Cargo.lock).
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+/// Every package in `package`'s dependency tree (itself included).
+fn tree(package: &str) -> BTreeSet<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "tree",
+            "--offline",
+            "--locked",
+            "-p",
+            package,
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "cargo tree -p {package}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+fn assert_absent(package: &str, forbidden: &[&str]) {
+    let deps = tree(package);
+    assert!(deps.contains(package), "{package} is not in its own tree");
+    let found: Vec<_> = forbidden.iter().filter(|f| deps.contains(**f)).collect();
+    assert!(found.is_empty(), "{package} depends on {found:?}");
+}
+
+#[test]
+fn the_data_plane_compiles_no_kubernetes_client() {
+    for package in [
+        "sagamesh-sidecar",
+        "sagamesh-mesh",
+        "sagamesh-discovery",
+        "sagamesh-api",
+    ] {
+        assert_absent(
+            package,
+            &["kube-client", "kube-runtime", "sagamesh-operator"],
+        );
+    }
+}
+
+#[test]
+fn the_saga_engine_knows_neither_the_mesh_nor_discovery() {
+    assert_absent(
+        "sagamesh-saga",
+        &["sagamesh-mesh", "sagamesh-discovery", "sagamesh-sidecar"],
+    );
+}
+
+#[test]
+fn local_mode_runs_without_the_operator() {
+    assert_absent("sagamesh-local", &["sagamesh-operator", "sagamesh-sidecar"]);
+}
