@@ -60,14 +60,26 @@ pub enum Error {
     Incomplete,
 }
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
+/// A connection's transport. With the `fuzzing` feature, also a scripted endpoint.
+#[cfg(not(feature = "fuzzing"))]
+type Io = TcpStream;
+#[cfg(feature = "fuzzing")]
+type Io = fuzzing::Io;
+
 /// An idle connection: only the socket.
 #[derive(Debug)]
 pub struct Connection {
-    io: TcpStream,
+    io: Io,
 }
 
 impl Connection {
     pub fn new(io: TcpStream) -> Self {
+        #[cfg(feature = "fuzzing")]
+        let io = fuzzing::Io::Tcp(io);
         Connection { io }
     }
 
