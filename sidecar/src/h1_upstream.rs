@@ -294,16 +294,24 @@ fn framing(head: &Head, head_method: bool) -> Result<Framing, Error> {
     }
     let te = head.headers.get_all(header::TRANSFER_ENCODING);
     if te.iter().next().is_some() {
-        // Chunked must be the last coding; anything else is read until close.
-        let last = te
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|c| !c.is_empty());
-        return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
-            _ => Framing::Close,
+        // Chunked must be the last coding; anything else is read until close. Empty list
+        // elements are ignored (RFC 9110 §5.6.1); a field line that is not visible ASCII
+        // names no coding the sidecar knows, so it is a last coding that is not chunked.
+        let mut last_is_chunked = false;
+        for v in te {
+            match v.to_str() {
+                Ok(v) => {
+                    if let Some(c) = v.split(',').map(str::trim).rfind(|c| !c.is_empty()) {
+                        last_is_chunked = c.eq_ignore_ascii_case("chunked");
+                    }
+                }
+                Err(_) => last_is_chunked = false,
+            }
+        }
+        return Ok(if last_is_chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
         });
     }
     let mut length: Option<u64> = None;
@@ -592,7 +600,9 @@ impl Body for ResponseBody {
 }
 
 /// A chunk-size line at the front of `buf`: its length with CRLF and the chunk size; `None`
-/// while incomplete. Extensions (`;name=value`) are ignored.
+/// while incomplete. RFC 9112 §7.1: `chunk-size [ chunk-ext ] CRLF` with `chunk-size =
+/// 1*HEXDIG` from the line's first byte; spaces and tabs may follow the size (BWS before an
+/// extension, as hyper allows); extensions (`;name=value`) are ignored, but may not hold a CR.
 fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
     let Some(lf) = buf.iter().take(MAX_CHUNK_LINE).position(|b| *b == b'\n') else {
         return if buf.len() >= MAX_CHUNK_LINE {
@@ -605,18 +615,27 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
         return Err("chunk-size line not ended by CRLF");
     }
     let line = &buf[..lf - 1];
-    let digits = line.split(|b| *b == b';').next().unwrap_or_default();
-    let digits = digits.trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
+    if line.contains(&b'\r') {
+        return Err("bare CR in chunk-size line");
+    }
+    let size = line.split(|b| *b == b';').next().unwrap_or_default();
+    let end = size
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(size.len());
+    let (digits, rest) = size.split_at(end);
+    if digits.is_empty() || !rest.iter().all(|b| *b == b' ' || *b == b'\t') {
         return Err("bad chunk size");
+    }
+    if digits.len() > 15 {
+        return Err("chunk size has more than 15 hex digits");
     }
     let mut size: u64 = 0;
     for c in digits {
         let d = match c {
             b'0'..=b'9' => c - b'0',
             b'a'..=b'f' => c - b'a' + 10,
-            b'A'..=b'F' => c - b'A' + 10,
-            _ => return Err("bad chunk size"),
+            _ => c - b'A' + 10,
         };
         size = size * 16 + u64::from(d);
     }
@@ -741,6 +760,23 @@ mod tests {
         );
     }
 
+    /// Found by the `head` fuzz target: a `Transfer-Encoding` line that is not visible ASCII
+    /// after a `chunked` one was skipped, so the body was read as chunked where hyper (and the
+    /// RFC: chunked is not the last coding) reads it until close.
+    #[test]
+    fn transfer_encoding_that_is_not_ascii_is_not_chunked() {
+        let mut h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        h.headers.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_bytes(b"chunked\xff").unwrap(),
+        );
+        assert_eq!(framing(&h, false).ok(), Some(Framing::Close));
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip,\r\ntransfer-encoding: chunked, ,\r\n\r\n");
+        assert_eq!(framing(&h, false).ok(), Some(Framing::Chunked));
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding:\r\n\r\n");
+        assert_eq!(framing(&h, false).ok(), Some(Framing::Chunked));
+    }
+
     #[test]
     fn keep_alive_rules() {
         assert!(keep_alive(&head("HTTP/1.1 200 OK\r\n\r\n")));
@@ -780,6 +816,27 @@ mod tests {
         assert!(chunk_size_line(b"1a\n").is_err());
         assert!(chunk_size_line(b"ffffffffffffffffffff\r\n").is_err());
         assert!(chunk_size_line(&[b'1'; MAX_CHUNK_LINE + 1]).is_err());
+    }
+
+    /// Found by the `chunk_size` fuzz target (hyper refuses these): a bare CR in the line was
+    /// accepted (`0\r\r\n` read as `0`), and so were whitespace before the size and any ASCII
+    /// whitespace after it.
+    #[test]
+    fn chunk_size_line_is_strict() {
+        assert!(chunk_size_line(b"0\r\r\n").is_err());
+        assert!(chunk_size_line(b"1;a\rb\r\n").is_err());
+        assert!(chunk_size_line(b" 1\r\n").is_err());
+        assert!(chunk_size_line(b"\t1\r\n").is_err());
+        assert!(chunk_size_line(b"1\x0c\r\n").is_err());
+        assert!(chunk_size_line(b"1 2\r\n").is_err());
+        assert!(chunk_size_line(b";x\r\n").is_err());
+        assert_eq!(chunk_size_line(b"1 \t;x\r\n"), Ok(Some((7, 1))));
+        assert_eq!(chunk_size_line(b"1\t\r\n"), Ok(Some((4, 1))));
+        assert_eq!(chunk_size_line(b"1;\x01\xff\r\n"), Ok(Some((6, 1))));
+        assert_eq!(
+            chunk_size_line(b"0000000000000001\r\n"),
+            Err("chunk size has more than 15 hex digits")
+        );
     }
 
     #[test]
