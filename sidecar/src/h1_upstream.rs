@@ -287,13 +287,18 @@ enum Framing {
     Close,
 }
 
-fn framing(head: &Head, head_method: bool) -> Result<Framing, Error> {
+fn framing(head: &Head, head_method: bool) -> Result<Framing, &'static str> {
     let s = head.status;
     if head_method || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Length(0));
     }
     let te = head.headers.get_all(header::TRANSFER_ENCODING);
     if te.iter().next().is_some() {
+        // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing, even
+        // with a Content-Length (HTTP/1.0 has no transfer codings; hyper refuses it too).
+        if head.version == Version::HTTP_10 {
+            return Err("transfer-encoding in an HTTP/1.0 response");
+        }
         // Chunked must be the last coding; anything else is read until close. Empty list
         // elements are ignored (RFC 9110 §5.6.1); a field line that is not visible ASCII
         // names no coding the sidecar knows, so it is a last coding that is not chunked.
@@ -317,10 +322,9 @@ fn framing(head: &Head, head_method: bool) -> Result<Framing, Error> {
     let mut length: Option<u64> = None;
     for v in head.headers.get_all(header::CONTENT_LENGTH) {
         for part in v.as_bytes().split(|b| *b == b',') {
-            let n = parse_decimal(part.trim_ascii())
-                .ok_or_else(|| Error::Parse("bad content-length".into()))?;
+            let n = parse_decimal(part.trim_ascii()).ok_or("bad content-length")?;
             if length.is_some_and(|l| l != n) {
-                return Err(Error::Parse("conflicting content-length values".into()));
+                return Err("conflicting content-length values");
             }
             length = Some(n);
         }
@@ -365,8 +369,8 @@ fn respond(
         Ok(Framing::Length(n)) => (State::Length(n), SizeHint::with_exact(n), reuse),
         Ok(Framing::Chunked) => (State::ChunkSize, SizeHint::default(), reuse),
         Ok(Framing::Close) => (State::UntilClose, SizeHint::default(), false),
-        // An unusable length: the body fails at once, the connection is not reused.
-        Err(_) => (State::BadLength, SizeHint::default(), false),
+        // Unusable framing: the body fails at once, the connection is not reused.
+        Err(e) => (State::BadFraming(e), SizeHint::default(), false),
     };
     let mut resp = Response::new(());
     *resp.status_mut() = head.status;
@@ -403,8 +407,9 @@ enum State {
     /// Chunked: the trailer section after the last chunk.
     Trailers,
     UntilClose,
-    /// The head's `content-length` could not be used: the body is an error.
-    BadLength,
+    /// The head's framing (`content-length`, `transfer-encoding`) could not be used: the
+    /// body is an error.
+    BadFraming(&'static str),
     Done,
     Failed,
 }
@@ -491,8 +496,8 @@ impl Body for ResponseBody {
         loop {
             match this.state {
                 State::Done | State::Failed => return Poll::Ready(None),
-                State::BadLength => {
-                    return this.fail(Error::Parse("bad content-length".into()));
+                State::BadFraming(why) => {
+                    return this.fail(Error::Parse(why.into()));
                 }
                 State::Length(0) => {
                     this.state = State::Done;
@@ -775,6 +780,31 @@ mod tests {
         assert_eq!(framing(&h, false).ok(), Some(Framing::Chunked));
         let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding:\r\n\r\n");
         assert_eq!(framing(&h, false).ok(), Some(Framing::Chunked));
+    }
+
+    /// Found by the `head` fuzz target: an HTTP/1.0 response with Transfer-Encoding was read as
+    /// chunked; RFC 9112 §6.1 says its framing is faulty (hyper refuses it).
+    #[test]
+    fn transfer_encoding_in_http_1_0_is_faulty_framing() {
+        let chunked = "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert!(framing(&head(chunked), false).is_err());
+        assert!(
+            framing(
+                &head("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"),
+                false
+            )
+            .is_err()
+        );
+        // No body either way: nothing to frame.
+        assert_eq!(framing(&head(chunked), true).ok(), Some(Framing::Length(0)));
+        assert_eq!(
+            framing(
+                &head("HTTP/1.0 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
+                false
+            )
+            .ok(),
+            Some(Framing::Length(0))
+        );
     }
 
     #[test]
