@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(Some((len, _size))) = fuzzing::chunk_size_line(input.bytes) {
-        assert!(len >= 3 && input.bytes[..len].ends_with(b"\r\n"), "line end");
+        assert!(
+            len >= 3 && input.bytes[..len].ends_with(b"\r\n"),
+            "line end"
+        );
     }
     prefixes_are_incomplete(input.bytes, 64, |b| {
         fuzzing::chunk_size_line(b).map(|r| r.map(|(len, _)| len))

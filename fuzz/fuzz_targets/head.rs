@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::from(input.bytes);
     if let Ok(Some(head)) = fuzzing::parse_head(&mut buf) {
         let consumed = input.bytes.len() - buf.len();
-        assert_eq!(&input.bytes[consumed..], &buf[..], "parse_head kept the wrong rest");
+        assert_eq!(
+            &input.bytes[consumed..],
+            &buf[..],
+            "parse_head kept the wrong rest"
+        );
         let _ = fuzzing::framing(&head, input.head_method);
     }
     prefixes_are_incomplete(input.bytes, 64, |b| {

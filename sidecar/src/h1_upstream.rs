@@ -660,6 +660,17 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, Error
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(Error::Parse(format!("trailers: {e}"))),
     };
+    // Only CRLF ends a trailer line (RFC 9112 §7.1.2; a bare LF is a leniency §2.2 allows, not
+    // taken here): where the section ends must be where any other reader sees it end, and
+    // hyper's chunked decoder looks for CRLF CRLF.
+    let section = &buf[..len];
+    if section
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\n' && (i == 0 || section[i - 1] != b'\r'))
+    {
+        return Err(Error::Parse("trailers: line not ended by CRLF".into()));
+    }
     let mut trailers = HeaderMap::with_capacity(fields.len());
     for f in fields.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes())
@@ -776,7 +787,9 @@ mod tests {
             HeaderValue::from_bytes(b"chunked\xff").unwrap(),
         );
         assert_eq!(framing(&h, false).ok(), Some(Framing::Close));
-        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip,\r\ntransfer-encoding: chunked, ,\r\n\r\n");
+        let h = head(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip,\r\ntransfer-encoding: chunked, ,\r\n\r\n",
+        );
         assert_eq!(framing(&h, false).ok(), Some(Framing::Chunked));
         let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding:\r\n\r\n");
         assert_eq!(framing(&h, false).ok(), Some(Framing::Chunked));
@@ -882,5 +895,17 @@ mod tests {
             _ => panic!("trailers not parsed"),
         }
         assert!(t.is_empty());
+    }
+
+    /// Chosen while writing the `trailers` fuzz target: a bare LF ended a trailer line (and
+    /// `\n\n` the section), where hyper reads on to a CRLF CRLF.
+    #[test]
+    fn trailer_lines_end_with_crlf() {
+        for raw in [&b"a: b\n\n"[..], b"a: b\r\n\n", b"a: b\nc: d\r\n\r\n"] {
+            let mut b = BytesMut::from(raw);
+            assert!(parse_trailers(&mut b).is_err(), "{raw:?}");
+        }
+        let mut b = BytesMut::from(&b"a: b\r\nc: d\r\n\r\n"[..]);
+        assert!(matches!(parse_trailers(&mut b), Ok(Some(Some(t))) if t.len() == 2));
     }
 }

@@ -257,7 +257,8 @@ pub fn exchange(head_method: bool, reads: Vec<Bytes>) -> Exchange {
             let mut data = Vec::new();
             let mut trailers = None;
             let mut failed = None;
-            while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            while let Some(frame) =
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
             {
                 match frame {
                     Ok(frame) => match frame.into_data() {
