@@ -98,12 +98,13 @@ pub fn generate(dns_names: &[String], validity: Duration) -> Result<WebhookCert,
 
 /// A rustls server configuration for the certificate.
 pub fn server_config(cert: &WebhookCert) -> Result<Arc<rustls::ServerConfig>, CertError> {
-    let certs = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes())
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::Tls(e.to_string()))?;
-    let key = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes())
-        .map_err(|e| CertError::Tls(e.to_string()))?
-        .ok_or_else(|| CertError::Tls("no private key in PEM".into()))?;
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+        .map_err(|e| CertError::Tls(format!("private key: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -60,14 +60,26 @@ pub enum Error {
     Incomplete,
 }
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
+/// A connection's transport. With the `fuzzing` feature, also a scripted endpoint.
+#[cfg(not(feature = "fuzzing"))]
+type Io = TcpStream;
+#[cfg(feature = "fuzzing")]
+type Io = fuzzing::Io;
+
 /// An idle connection: only the socket.
 #[derive(Debug)]
 pub struct Connection {
-    io: TcpStream,
+    io: Io,
 }
 
 impl Connection {
     pub fn new(io: TcpStream) -> Self {
+        #[cfg(feature = "fuzzing")]
+        let io = fuzzing::Io::Tcp(io);
         Connection { io }
     }
 
@@ -275,32 +287,44 @@ enum Framing {
     Close,
 }
 
-fn framing(head: &Head, head_method: bool) -> Result<Framing, Error> {
+fn framing(head: &Head, head_method: bool) -> Result<Framing, &'static str> {
     let s = head.status;
     if head_method || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Length(0));
     }
     let te = head.headers.get_all(header::TRANSFER_ENCODING);
     if te.iter().next().is_some() {
-        // Chunked must be the last coding; anything else is read until close.
-        let last = te
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|c| !c.is_empty());
-        return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
-            _ => Framing::Close,
+        // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing, even
+        // with a Content-Length (HTTP/1.0 has no transfer codings; hyper refuses it too).
+        if head.version == Version::HTTP_10 {
+            return Err("transfer-encoding in an HTTP/1.0 response");
+        }
+        // Chunked must be the last coding; anything else is read until close. Empty list
+        // elements are ignored (RFC 9110 §5.6.1); a field line that is not visible ASCII
+        // names no coding the sidecar knows, so it is a last coding that is not chunked.
+        let mut last_is_chunked = false;
+        for v in te {
+            match v.to_str() {
+                Ok(v) => {
+                    if let Some(c) = v.split(',').map(str::trim).rfind(|c| !c.is_empty()) {
+                        last_is_chunked = c.eq_ignore_ascii_case("chunked");
+                    }
+                }
+                Err(_) => last_is_chunked = false,
+            }
+        }
+        return Ok(if last_is_chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
         });
     }
     let mut length: Option<u64> = None;
     for v in head.headers.get_all(header::CONTENT_LENGTH) {
         for part in v.as_bytes().split(|b| *b == b',') {
-            let n = parse_decimal(part.trim_ascii())
-                .ok_or_else(|| Error::Parse("bad content-length".into()))?;
+            let n = parse_decimal(part.trim_ascii()).ok_or("bad content-length")?;
             if length.is_some_and(|l| l != n) {
-                return Err(Error::Parse("conflicting content-length values".into()));
+                return Err("conflicting content-length values");
             }
             length = Some(n);
         }
@@ -345,8 +369,8 @@ fn respond(
         Ok(Framing::Length(n)) => (State::Length(n), SizeHint::with_exact(n), reuse),
         Ok(Framing::Chunked) => (State::ChunkSize, SizeHint::default(), reuse),
         Ok(Framing::Close) => (State::UntilClose, SizeHint::default(), false),
-        // An unusable length: the body fails at once, the connection is not reused.
-        Err(_) => (State::BadLength, SizeHint::default(), false),
+        // Unusable framing: the body fails at once, the connection is not reused.
+        Err(e) => (State::BadFraming(e), SizeHint::default(), false),
     };
     let mut resp = Response::new(());
     *resp.status_mut() = head.status;
@@ -383,8 +407,9 @@ enum State {
     /// Chunked: the trailer section after the last chunk.
     Trailers,
     UntilClose,
-    /// The head's `content-length` could not be used: the body is an error.
-    BadLength,
+    /// The head's framing (`content-length`, `transfer-encoding`) could not be used: the
+    /// body is an error.
+    BadFraming(&'static str),
     Done,
     Failed,
 }
@@ -471,8 +496,8 @@ impl Body for ResponseBody {
         loop {
             match this.state {
                 State::Done | State::Failed => return Poll::Ready(None),
-                State::BadLength => {
-                    return this.fail(Error::Parse("bad content-length".into()));
+                State::BadFraming(why) => {
+                    return this.fail(Error::Parse(why.into()));
                 }
                 State::Length(0) => {
                     this.state = State::Done;
@@ -580,7 +605,9 @@ impl Body for ResponseBody {
 }
 
 /// A chunk-size line at the front of `buf`: its length with CRLF and the chunk size; `None`
-/// while incomplete. Extensions (`;name=value`) are ignored.
+/// while incomplete. RFC 9112 §7.1: `chunk-size [ chunk-ext ] CRLF` with `chunk-size =
+/// 1*HEXDIG` from the line's first byte; spaces and tabs may follow the size (BWS before an
+/// extension, as hyper allows); extensions (`;name=value`) are ignored, but may not hold a CR.
 fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
     let Some(lf) = buf.iter().take(MAX_CHUNK_LINE).position(|b| *b == b'\n') else {
         return if buf.len() >= MAX_CHUNK_LINE {
@@ -593,18 +620,27 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
         return Err("chunk-size line not ended by CRLF");
     }
     let line = &buf[..lf - 1];
-    let digits = line.split(|b| *b == b';').next().unwrap_or_default();
-    let digits = digits.trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
+    if line.contains(&b'\r') {
+        return Err("bare CR in chunk-size line");
+    }
+    let size = line.split(|b| *b == b';').next().unwrap_or_default();
+    let end = size
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(size.len());
+    let (digits, rest) = size.split_at(end);
+    if digits.is_empty() || !rest.iter().all(|b| *b == b' ' || *b == b'\t') {
         return Err("bad chunk size");
+    }
+    if digits.len() > 15 {
+        return Err("chunk size has more than 15 hex digits");
     }
     let mut size: u64 = 0;
     for c in digits {
         let d = match c {
             b'0'..=b'9' => c - b'0',
             b'a'..=b'f' => c - b'a' + 10,
-            b'A'..=b'F' => c - b'A' + 10,
-            _ => return Err("bad chunk size"),
+            _ => c - b'A' + 10,
         };
         size = size * 16 + u64::from(d);
     }
@@ -624,6 +660,17 @@ fn parse_trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, Error
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(Error::Parse(format!("trailers: {e}"))),
     };
+    // Only CRLF ends a trailer line (RFC 9112 §7.1.2; a bare LF is a leniency §2.2 allows, not
+    // taken here): where the section ends must be where any other reader sees it end, and
+    // hyper's chunked decoder looks for CRLF CRLF.
+    let section = &buf[..len];
+    if section
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\n' && (i == 0 || section[i - 1] != b'\r'))
+    {
+        return Err(Error::Parse("trailers: line not ended by CRLF".into()));
+    }
     let mut trailers = HeaderMap::with_capacity(fields.len());
     for f in fields.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes())
@@ -729,6 +776,50 @@ mod tests {
         );
     }
 
+    /// Found by the `head` fuzz target: a `Transfer-Encoding` line that is not visible ASCII
+    /// after a `chunked` one was skipped, so the body was read as chunked where hyper (and the
+    /// RFC: chunked is not the last coding) reads it until close.
+    #[test]
+    fn transfer_encoding_that_is_not_ascii_is_not_chunked() {
+        let mut h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        h.headers.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_bytes(b"chunked\xff").unwrap(),
+        );
+        assert_eq!(framing(&h, false).ok(), Some(Framing::Close));
+        let h = head(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip,\r\ntransfer-encoding: chunked, ,\r\n\r\n",
+        );
+        assert_eq!(framing(&h, false).ok(), Some(Framing::Chunked));
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding:\r\n\r\n");
+        assert_eq!(framing(&h, false).ok(), Some(Framing::Chunked));
+    }
+
+    /// Found by the `head` fuzz target: an HTTP/1.0 response with Transfer-Encoding was read as
+    /// chunked; RFC 9112 §6.1 says its framing is faulty (hyper refuses it).
+    #[test]
+    fn transfer_encoding_in_http_1_0_is_faulty_framing() {
+        let chunked = "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert!(framing(&head(chunked), false).is_err());
+        assert!(
+            framing(
+                &head("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"),
+                false
+            )
+            .is_err()
+        );
+        // No body either way: nothing to frame.
+        assert_eq!(framing(&head(chunked), true).ok(), Some(Framing::Length(0)));
+        assert_eq!(
+            framing(
+                &head("HTTP/1.0 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
+                false
+            )
+            .ok(),
+            Some(Framing::Length(0))
+        );
+    }
+
     #[test]
     fn keep_alive_rules() {
         assert!(keep_alive(&head("HTTP/1.1 200 OK\r\n\r\n")));
@@ -770,6 +861,27 @@ mod tests {
         assert!(chunk_size_line(&[b'1'; MAX_CHUNK_LINE + 1]).is_err());
     }
 
+    /// Found by the `chunk_size` fuzz target (hyper refuses these): a bare CR in the line was
+    /// accepted (`0\r\r\n` read as `0`), and so were whitespace before the size and any ASCII
+    /// whitespace after it.
+    #[test]
+    fn chunk_size_line_is_strict() {
+        assert!(chunk_size_line(b"0\r\r\n").is_err());
+        assert!(chunk_size_line(b"1;a\rb\r\n").is_err());
+        assert!(chunk_size_line(b" 1\r\n").is_err());
+        assert!(chunk_size_line(b"\t1\r\n").is_err());
+        assert!(chunk_size_line(b"1\x0c\r\n").is_err());
+        assert!(chunk_size_line(b"1 2\r\n").is_err());
+        assert!(chunk_size_line(b";x\r\n").is_err());
+        assert_eq!(chunk_size_line(b"1 \t;x\r\n"), Ok(Some((7, 1))));
+        assert_eq!(chunk_size_line(b"1\t\r\n"), Ok(Some((4, 1))));
+        assert_eq!(chunk_size_line(b"1;\x01\xff\r\n"), Ok(Some((6, 1))));
+        assert_eq!(
+            chunk_size_line(b"0000000000000001\r\n"),
+            Err("chunk size has more than 15 hex digits")
+        );
+    }
+
     #[test]
     fn trailers() {
         let mut b = BytesMut::from(&b"\r\nnext"[..]);
@@ -783,5 +895,17 @@ mod tests {
             _ => panic!("trailers not parsed"),
         }
         assert!(t.is_empty());
+    }
+
+    /// Chosen while writing the `trailers` fuzz target: a bare LF ended a trailer line (and
+    /// `\n\n` the section), where hyper reads on to a CRLF CRLF.
+    #[test]
+    fn trailer_lines_end_with_crlf() {
+        for raw in [&b"a: b\n\n"[..], b"a: b\r\n\n", b"a: b\nc: d\r\n\r\n"] {
+            let mut b = BytesMut::from(raw);
+            assert!(parse_trailers(&mut b).is_err(), "{raw:?}");
+        }
+        let mut b = BytesMut::from(&b"a: b\r\nc: d\r\n\r\n"[..]);
+        assert!(matches!(parse_trailers(&mut b), Ok(Some(Some(t))) if t.len() == 2));
     }
 }

@@ -25,5 +25,10 @@ pub mod policy;
 pub mod pool;
 pub mod retry;
 
+/// The HTTP/1.1 response parser's entry points for the fuzz targets in `fuzz/` (not an API).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use h1_upstream::fuzzing;
+
 pub use client::{ClientConfig, MeshClient};
 pub use error::MeshError;

@@ -63,11 +63,12 @@ impl Procs {
     /// SIGTERMs every child, waits up to 5s for each to drain, then SIGKILLs what is left.
     pub fn stop_all(&mut self) {
         for (_, child) in &self.children {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                // SAFETY: sending a signal to a PID we started and still hold.
-                unsafe {
-                    libc::kill(pid, libc::SIGTERM);
-                }
+            // A PID we started and still hold (not yet waited for, so not reused).
+            if let Some(pid) = i32::try_from(child.id())
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
