@@ -1,6 +1,7 @@
 //! The workspace's seams hold: the data plane compiles no Kubernetes client, the saga engine
 //! knows neither the mesh nor discovery, local mode runs without the operator. Read from
-//! `cargo tree` (normal and build dependencies, offline, from Cargo.lock).
+//! `cargo tree` (normal and build dependencies, from Cargo.lock; it may fetch the manifests of
+//! packages for other platforms that a build on this one never downloaded).
 
 use std::collections::BTreeSet;
 use std::process::Command;
