@@ -29,9 +29,7 @@ use crate::body::{self, BoxBody, Guarded};
 use crate::breaker::{Admit, BreakerState};
 use crate::endpoint::{Endpoint, InFlight};
 use crate::error::MeshError;
-use crate::metrics::{
-    DestinationLabels, DestinationMetrics, Metrics, RequestLabels, ServiceLabels, status_class,
-};
+use crate::metrics::{DestinationMetrics, Metrics, ServiceLabels};
 use crate::policy::{RetryConfig, ServicePolicy};
 use crate::pool::{PoolConfig, SendError};
 use crate::retry::{self, Outcome};
@@ -408,21 +406,12 @@ impl MeshClient {
                 "{} (more than {} destinations in use)",
                 target.service, self.inner.cfg.max_destinations
             ));
-            let m = &self.inner.metrics;
-            m.requests
-                .get_or_create(&RequestLabels {
-                    direction: "outbound".into(),
-                    destination: "other".into(),
-                    status_class: status_class(e.status()),
-                    error: e.code().into(),
-                })
-                .inc();
-            m.latency
-                .get_or_create(&DestinationLabels {
-                    direction: "outbound".into(),
-                    destination: "other".into(),
-                })
-                .observe(start.elapsed().as_secs_f64());
+            self.inner.metrics.outbound_without_destination(
+                "other",
+                e.status(),
+                e.code(),
+                start.elapsed(),
+            );
             return Err(e);
         };
         let result = self.send_inner(dest.clone(), target, req).await;

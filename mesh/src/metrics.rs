@@ -147,6 +147,31 @@ impl Metrics {
         m
     }
 
+    /// Counts an outbound request answered by the mesh before it had a destination (`destination`
+    /// is a fixed placeholder such as `unknown`, so such requests add no series per name).
+    pub fn outbound_without_destination(
+        &self,
+        destination: &str,
+        status: http::StatusCode,
+        error: &str,
+        elapsed: std::time::Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction: "outbound".into(),
+                destination: destination.into(),
+                status_class: status_class(status),
+                error: error.into(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&DestinationLabels {
+                direction: "outbound".into(),
+                destination: destination.into(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
     /// OpenMetrics text of the registry of [`Metrics::new`] (empty for [`Metrics::register`]).
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -390,5 +415,23 @@ mod tests {
         assert!(!text.contains(r#"outcome="failure""#), "{text}");
         assert!(!text.contains(r#"status_class="4xx""#), "{text}");
         assert_eq!(status_class(http::StatusCode::NOT_FOUND), "4xx");
+    }
+
+    #[test]
+    fn requests_without_a_destination_count_under_their_placeholder() {
+        let m = Metrics::new();
+        m.outbound_without_destination(
+            "unknown",
+            http::StatusCode::BAD_REQUEST,
+            "bad-request",
+            std::time::Duration::from_millis(1),
+        );
+        let text = m.encode();
+        for line in [
+            r#"sagamesh_requests_total{direction="outbound",destination="unknown",status_class="4xx",error="bad-request"} 1"#,
+            r#"sagamesh_request_duration_seconds_count{direction="outbound",destination="unknown"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 }

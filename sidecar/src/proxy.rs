@@ -295,21 +295,12 @@ impl Outbound {
             Err(e) => {
                 // Failures before a destination was known are counted here; the client counts
                 // the rest.
-                let m = self.client.metrics();
-                m.requests
-                    .get_or_create(&RequestLabels {
-                        direction: "outbound".into(),
-                        destination: "unknown".into(),
-                        status_class: status_class(e.status()),
-                        error: e.code().into(),
-                    })
-                    .inc();
-                m.latency
-                    .get_or_create(&DestinationLabels {
-                        direction: "outbound".into(),
-                        destination: "unknown".into(),
-                    })
-                    .observe(start.elapsed().as_secs_f64());
+                self.client.metrics().outbound_without_destination(
+                    "unknown",
+                    e.status(),
+                    e.code(),
+                    start.elapsed(),
+                );
                 error_response(&e, grpc)
             }
         }
