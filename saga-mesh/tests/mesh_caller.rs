@@ -29,12 +29,16 @@ impl SagaStore for Store {
     }
 }
 
-fn registration(addresses: &[std::net::SocketAddr]) -> ServiceRegistrationSpec {
+/// A registration of `addresses` (round robin) with the mesh retry policy `retry`.
+fn registration(
+    addresses: &[std::net::SocketAddr],
+    retry: serde_json::Value,
+) -> ServiceRegistrationSpec {
     serde_json::from_value(json!({
         "endpoints": addresses.iter().map(|a| json!({"address": a.ip().to_string(), "port": a.port()})).collect::<Vec<_>>(),
         "ports": [{"name": "http", "port": 8080}],
         "loadBalancer": {"policy": "RoundRobin"},
-        "retry": {"attempts": 3, "retryOn": ["connect-failure", "gateway-error"], "backoff": {"baseInterval": "5ms", "maxInterval": "20ms"}}
+        "retry": retry
     }))
     .expect("registration parses")
 }
@@ -56,7 +60,9 @@ async fn a_saga_runs_through_the_mesh_and_survives_a_dead_instance() {
         ("orders", vec![orders_a.addr, orders_b.addr, dead]),
         ("payment", vec![payment.addr]),
     ] {
-        discovery.set(snapshot_from_spec("shop", name, &registration(&addrs)).expect("snapshot"));
+        let retry = json!({"attempts": 3, "retryOn": ["connect-failure", "gateway-error"], "backoff": {"baseInterval": "5ms", "maxInterval": "20ms"}});
+        discovery
+            .set(snapshot_from_spec("shop", name, &registration(&addrs, retry)).expect("snapshot"));
     }
     let client = MeshClient::new(
         discovery,
@@ -163,12 +169,8 @@ async fn a_failing_step_reaches_the_service_once_per_engine_attempt() {
     payment.fault("/charges", Fault::Always(503));
     let discovery = StaticDiscovery::new();
     for (name, addr) in [("payment", payment.addr), ("orders", orders.addr)] {
-        let spec: ServiceRegistrationSpec = serde_json::from_value(json!({
-            "endpoints": [{"address": addr.ip().to_string(), "port": addr.port()}],
-            "ports": [{"name": "http", "port": 8080}],
-            "retry": {"attempts": 3, "retryOn": ["5xx", "connect-failure"], "backoff": {"baseInterval": "1ms", "maxInterval": "2ms"}}
-        }))
-        .expect("registration parses");
+        let retry = json!({"attempts": 3, "retryOn": ["5xx", "connect-failure"], "backoff": {"baseInterval": "1ms", "maxInterval": "2ms"}});
+        let spec = registration(&[addr], retry);
         discovery.set(snapshot_from_spec("shop", name, &spec).expect("snapshot"));
     }
     let client = MeshClient::new(discovery, ClientConfig::default(), Metrics::new());
