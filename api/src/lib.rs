@@ -1,9 +1,9 @@
 //! Sagamesh's API: the one source of truth for the CRD types (`ServiceRegistration`, `Saga`),
-//! the CRD YAML generated from them, and the policy types the sidecar and operator share.
+//! the CRD YAML generated from them, and the policy types the sidecar and operator share. No
+//! gRPC and no HTTP: the discovery protocol lives in `sagamesh-discovery`.
 
 pub mod backoff;
 pub mod crdgen;
-pub mod discovery;
 pub mod duration;
 pub mod saga;
 pub mod service_registration;

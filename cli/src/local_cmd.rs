@@ -9,14 +9,12 @@ use std::sync::Arc;
 use sagamesh_discovery::server::{DiscoveryService, serve};
 use sagamesh_local::{
     discovery::LocalDiscovery,
+    metrics::Metrics,
     runner::{LocalControlPlane, LocalOptions, RegistrationSink},
 };
 use sagamesh_mesh::ClientConfig;
-use sagamesh_operator::{
-    admin::{self, AdminState},
-    metrics::Metrics,
-};
 use sagamesh_saga::EngineConfig;
+use sagamesh_server::admin::{self, AdminState};
 use sagamesh_sidecar::Sidecar;
 
 /// Flags of `sagamesh local`.

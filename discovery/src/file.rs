@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::proto as pb;
 use sagamesh_api::ServiceRegistration;
-use sagamesh_api::discovery as pb;
 use tokio::sync::watch;
 
 use crate::name::ServiceKey;

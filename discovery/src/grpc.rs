@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::proto as pb;
+use crate::proto::discovery_client::DiscoveryClient;
 use sagamesh_api::backoff::{Backoff, Jitter};
-use sagamesh_api::discovery as pb;
-use sagamesh_api::discovery::discovery_client::DiscoveryClient;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 

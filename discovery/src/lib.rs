@@ -6,16 +6,20 @@
 //! Every source hands out one `watch::Receiver<Resolution>` per service: the receiver always
 //! holds the latest full state, so a source that loses its upstream simply stops updating it
 //! and callers keep the last known state.
+//!
+//! [`proto`] is the discovery protocol itself (the generated gRPC code and its conversions from
+//! the ServiceRegistration types); [`server`] serves it over any [`server::ViewSource`].
 
 pub mod file;
 pub mod grpc;
 pub mod name;
+pub mod proto;
 pub mod server;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use sagamesh_api::discovery as pb;
+use crate::proto as pb;
 use tokio::sync::watch;
 
 use crate::name::ServiceKey;

@@ -3,11 +3,7 @@
 //! serves the same one), renewed when it has less than [`RENEW_BEFORE`] left, with the CA bundle
 //! patched into the MutatingWebhookConfiguration.
 
-use std::{
-    collections::BTreeMap,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::{
     ByteString,
@@ -113,22 +109,6 @@ pub fn server_config(cert: &WebhookCert) -> Result<Arc<rustls::ServerConfig>, Ce
         .with_single_cert(certs, key)
         .map_err(|e| CertError::Tls(e.to_string()))?;
     Ok(Arc::new(config))
-}
-
-/// The TLS configuration the server uses for new connections; swapped on rotation.
-#[derive(Clone)]
-pub struct TlsHandle(Arc<RwLock<Arc<rustls::ServerConfig>>>);
-
-impl TlsHandle {
-    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
-        Self(Arc::new(RwLock::new(config)))
-    }
-    pub fn current(&self) -> Arc<rustls::ServerConfig> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-    pub fn replace(&self, config: Arc<rustls::ServerConfig>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = config;
-    }
 }
 
 fn from_secret(secret: &Secret) -> Option<WebhookCert> {

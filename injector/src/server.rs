@@ -7,18 +7,13 @@ use std::{convert::Infallible, sync::Arc};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{
-    certs::TlsHandle,
-    mutate::{InjectConfig, injection_patch},
-};
+use sagamesh_server::{ServeOptions, TlsHandle};
+
+use crate::mutate::{InjectConfig, injection_patch};
 
 /// Largest AdmissionReview accepted (the API server sends at most a few hundred KiB).
 const MAX_BODY: usize = 4 << 20;
@@ -87,46 +82,22 @@ pub async fn serve(
     listener: TcpListener,
     tls: TlsHandle,
     config: InjectConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let config = Arc::new(config);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook: accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+    let options = ServeOptions {
+        // The API server calls with its own timeout (10 s by default): a handshake or head
+        // slower than that has no one waiting for it.
+        header_read_timeout: std::time::Duration::from_secs(10),
+        tls: Some(tls),
+        ..ServeOptions::default()
+    };
+    sagamesh_server::serve(listener, options, shutdown, move |_peer| {
         let config = config.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                acceptor.accept(stream),
-            )
-            .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "webhook: TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = service_fn(move |req| {
-                let config = config.clone();
-                async move { Ok::<_, Infallible>(handle(req, config).await) }
-            });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "webhook: connection ended with an error");
-            }
-        });
-    }
+        service_fn(move |req| {
+            let config = config.clone();
+            async move { Ok::<_, Infallible>(handle(req, config).await) }
+        })
+    })
+    .await
 }

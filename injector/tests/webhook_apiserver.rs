@@ -14,10 +14,11 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use sagamesh_injector::{
-    certs::{TlsHandle, ensure_secret, patch_ca_bundle, server_config},
+    certs::{ensure_secret, patch_ca_bundle, server_config},
     mutate::{InjectConfig, SIDECAR_NAME},
     server::serve,
 };
+use sagamesh_server::TlsHandle;
 use sagamesh_testing::{eventually, test_bed};
 use serde_json::json;
 

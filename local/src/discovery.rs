@@ -11,7 +11,7 @@ use std::{
     time::Instant,
 };
 
-use sagamesh_api::discovery::Snapshot;
+use sagamesh_discovery::proto::Snapshot;
 use sagamesh_discovery::server::{View, ViewSource};
 use tokio::sync::watch;
 

@@ -3,4 +3,5 @@
 
 pub mod discovery;
 pub mod manifest;
+pub mod metrics;
 pub mod runner;

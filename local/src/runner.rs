@@ -16,7 +16,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use sagamesh_api::{discovery::snapshot_from_spec, saga::SagaSpec};
+use sagamesh_api::saga::SagaSpec;
+use sagamesh_discovery::proto::snapshot_from_spec;
 use sagamesh_discovery::{StaticDiscovery, name::ServiceKey};
 use sagamesh_mesh::{ClientConfig, MeshClient, metrics::Metrics};
 use sagamesh_saga::{
@@ -53,7 +54,7 @@ type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
 
 /// One registration's change, as the discovery table and its watchers see it.
 pub trait RegistrationSink: Send + Sync + 'static {
-    fn set(&self, namespace: &str, name: &str, snapshot: sagamesh_api::discovery::Snapshot);
+    fn set(&self, namespace: &str, name: &str, snapshot: sagamesh_discovery::proto::Snapshot);
     fn remove(&self, namespace: &str, name: &str);
     /// Called after every load of the directory (the first one makes the source ready).
     fn loaded(&self) {}

@@ -19,7 +19,7 @@ use http::{
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use prometheus_client::metrics::gauge::Gauge;
-use sagamesh_api::discovery as pb;
+use sagamesh_discovery::proto as pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};

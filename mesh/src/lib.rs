@@ -14,7 +14,6 @@ pub mod caller;
 pub mod client;
 pub(crate) mod endpoint;
 pub mod error;
-pub mod exposition;
 pub(crate) mod h1_upstream;
 /// Public for the sidecar's HTTP/2 stream tests (`sidecar/tests/h2_streams.rs`), which drive
 /// one upstream connection by hand; callers use [`MeshClient`].

@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use sagamesh_api::discovery as pb;
 use sagamesh_api::service_registration::RetryOn;
+use sagamesh_discovery::proto as pb;
 
 use crate::balance::BalancePolicy;
 use crate::breaker::BreakerConfig;

@@ -24,8 +24,8 @@ use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use parking_lot::Mutex;
 use sagamesh_api::ServiceRegistration;
-use sagamesh_api::discovery as pb;
-use sagamesh_api::discovery::discovery_client::DiscoveryClient;
+use sagamesh_discovery::proto as pb;
+use sagamesh_discovery::proto::discovery_client::DiscoveryClient;
 use sagamesh_testing::stats::{ms, percentile};
 use serde_json::json;
 

@@ -23,8 +23,8 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use parking_lot::RwLock;
-use sagamesh_api::discovery as pb;
 use sagamesh_api::{ServiceRegistration, service_registration as sr};
+use sagamesh_discovery::proto as pb;
 use tokio::sync::{mpsc, watch};
 
 use sagamesh_discovery::server::{View, ViewSource};

@@ -5,12 +5,12 @@
 //! - [`reconcile`]: ServiceRegistration status (counts, conditions, Events), leader only.
 //! - [`discovery`]: the discovery gRPC server; knows nothing of Kubernetes.
 //! - [`leader`]: leader election on a Lease; the saga engine runs only on the leader.
-//! - [`admin`], [`metrics`], [`telemetry`]: `/metrics`, `/healthz`, `/readyz`, logs.
+//! - [`metrics`], [`telemetry`]: `/metrics` (served with `/healthz` and `/readyz` by
+//!   `sagamesh_server::admin`), logs.
 //! - [`sagas`]: the saga controller (leader only), calling services through the sidecar's client.
 //! - [`webhook`]: the sidecar-injection webhook and its certificate.
 //! - [`runtime`]: the wiring.
 
-pub mod admin;
 pub mod index;
 pub mod leader;
 pub mod metrics;

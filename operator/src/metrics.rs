@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::{
     counter::Counter,
     family::Family,
@@ -35,7 +35,7 @@ pub struct Metrics {
     pub discovery: ServerMetrics,
     pub leader: Gauge,
     /// Saga transitions, call latency and sagas running (`sagamesh_operator_saga_*`).
-    pub saga: sagamesh_saga::kubernetes::SagaMetrics,
+    pub saga: sagamesh_saga_kube::SagaMetrics,
     /// The mesh client's metrics of saga calls (`sagamesh_*`, the names every sidecar uses).
     pub mesh: MeshMetrics,
 }
@@ -83,7 +83,7 @@ impl Default for Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
-        let saga = sagamesh_saga::kubernetes::SagaMetrics::new(registry);
+        let saga = sagamesh_saga_kube::SagaMetrics::new(registry);
         Metrics {
             registry: root,
             saga,
@@ -99,14 +99,13 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
-        let mut out = String::new();
-        encode(&mut out, &self.registry)?;
-        Ok(out)
+impl sagamesh_server::admin::EncodeMetrics for Metrics {
+    fn encode(&self) -> Result<String, std::fmt::Error> {
+        sagamesh_server::admin::EncodeMetrics::encode(&self.registry)
     }
+}
 
+impl Metrics {
     /// Starts timing a reconcile; the duration is recorded when the timer drops.
     pub fn reconcile_timer(&self) -> ReconcileTimer<'_> {
         self.reconciles.inc();
@@ -132,6 +131,7 @@ impl Drop for ReconcileTimer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sagamesh_server::admin::EncodeMetrics as _;
 
     #[test]
     fn encodes_every_metric_with_the_prefix() {

@@ -31,12 +31,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::admin::{self, AdminState};
 use crate::index::{Indexed, SharedIndex};
 use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Context};
 use sagamesh_discovery::server::{self as discovery, DiscoveryService, ViewSource};
+use sagamesh_server::admin::{self, AdminState};
 
 /// Everything the operator needs to run.
 #[derive(Clone, Debug)]

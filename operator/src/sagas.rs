@@ -7,10 +7,8 @@ use std::sync::Arc;
 use kube::{Client, runtime::events::Reporter};
 use sagamesh_discovery::{Discover as SidecarDiscover, Resolution, Watches, name::ServiceKey};
 use sagamesh_mesh::{ClientConfig, MeshClient};
-use sagamesh_saga::{
-    EngineConfig,
-    kubernetes::{KubeSagaStore, SagaController},
-};
+use sagamesh_saga::EngineConfig;
+use sagamesh_saga_kube::{KubeSagaStore, SagaController};
 use sagamesh_saga_mesh::MeshCaller;
 use tokio::sync::watch;
 

@@ -7,10 +7,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use kube::Client;
 use sagamesh_injector::{
-    certs::{self, TlsHandle, WebhookCert},
+    certs::{self, WebhookCert},
     mutate::InjectConfig,
     server,
 };
+use sagamesh_server::TlsHandle;
 use tokio::{net::TcpListener, sync::watch};
 
 /// Where the serving certificate comes from.

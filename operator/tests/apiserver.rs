@@ -12,8 +12,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use sagamesh_api::discovery as pb;
 use sagamesh_api::{ServiceRegistration, ServiceRegistrationStatus};
+use sagamesh_discovery::proto as pb;
 use sagamesh_testing::{TestBed, eventually, test_bed};
 use serde_json::json;
 

@@ -5,11 +5,10 @@
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use sagamesh_api::{
-    discovery::snapshot_from_spec,
     saga::{CallPhase, SagaPhase, SagaSpec, SagaStatus},
     service_registration::ServiceRegistrationSpec,
 };
-use sagamesh_discovery::StaticDiscovery;
+use sagamesh_discovery::{StaticDiscovery, proto::snapshot_from_spec};
 use sagamesh_mesh::{ClientConfig, MeshClient, metrics::Metrics};
 use sagamesh_saga::{EngineConfig, Event, SagaRef, SagaStore, StoreError, run};
 use sagamesh_saga_mesh::MeshCaller;

@@ -1,5 +1,6 @@
-//! The Sagamesh saga engine core, shared by the operator (sagas as Kubernetes objects) and local
-//! mode (sagas in an on-disk store):
+//! The Sagamesh saga engine core, shared by the operator (sagas as Kubernetes objects, in
+//! `sagamesh-saga-kube`) and local mode (sagas in an on-disk store, [`file_store`]). It depends
+//! on neither Kubernetes' client nor an HTTP stack: stores and callers are traits.
 //!
 //! - [`template`]: `{{ input.x }}` / `{{ steps.NAME.output.path }}` rendering.
 //! - [`state`]: the event-sourced state machine over `SagaStatus` (pure).
@@ -8,7 +9,6 @@
 
 pub mod engine;
 pub mod file_store;
-pub mod kubernetes;
 pub mod state;
 pub mod template;
 

@@ -2,17 +2,15 @@
 //! a compensation that never succeeds, the deadline, validation, and crash safety (runs aborted at
 //! random moments and resumed from the last stored status).
 
-mod common;
-
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use common::{DirectCaller, Fault, TestService};
 use sagamesh_api::saga::{CallPhase, SagaPhase, SagaSpec, SagaStatus};
 use sagamesh_saga::{EngineConfig, Event, SagaRef, SagaStore, StoreError, run};
+use sagamesh_testing::saga::{DirectCaller, Fault, TestService};
 use serde_json::json;
 
 /// Keeps each saga's status as JSON, as the API server or the disk store would.

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use crate::proxy::text;
 use sagamesh_mesh::body::BoxBody;
 use sagamesh_mesh::client::MeshClient;
-use sagamesh_mesh::exposition;
+use sagamesh_server::exposition;
 
 /// Admin handler state.
 #[derive(Clone)]

@@ -1,11 +1,11 @@
-//! The listeners: a generic HTTP/1.1 + h2c server loop with limits and graceful drain, the
+//! The listeners: the shared HTTP/1.1 + h2c accept loop with the sidecar's limits, the
 //! outbound proxy (authority → [`MeshClient`]) and the inbound proxy (→ the app's port).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -13,9 +13,6 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -29,6 +26,7 @@ use sagamesh_mesh::client::{ClientConfig, MeshClient, send_failure, strip_hop_by
 use sagamesh_mesh::error::{ERROR_HEADER, MeshError};
 use sagamesh_mesh::metrics::{DestinationLabels, Metrics, RequestLabels, status_class};
 use sagamesh_mesh::pool::{Pool, PoolConfig};
+use sagamesh_server::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_HEADER_BYTES, ServeOptions};
 
 /// Exports the span of one proxied request, when OTLP export is on and the trace is sampled
 /// (an unsampled caller's trace, or a root the sampler left out, is only propagated).
@@ -88,9 +86,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_header_bytes: 64 * 1024,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_body_bytes: 16 * 1024 * 1024,
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -169,108 +167,46 @@ fn check_request_target<B>(req: &Request<B>) -> Result<(), MeshError> {
 }
 
 /// Serves `listener` until `shutdown` turns true, then stops accepting and drains open
-/// connections for up to `grace`.
+/// connections for up to `grace` (the accept loop is `sagamesh_server::serve`).
 pub async fn serve<S, F>(
     listener: TcpListener,
     limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
     handler: S,
 ) where
     S: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Response<BoxBody>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        // One flat buffer per write instead of a writev of head and body pieces: see
-        // `pool::http1_builder`.
-        .writev(false)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024);
-    let graceful = GracefulShutdown::new();
+    let options = ServeOptions {
+        header_read_timeout: limits.header_read_timeout,
+        max_header_bytes: limits.max_header_bytes,
+        grace,
+        ..ServeOptions::default()
+    };
     // Shared by every connection and request: a clone per request is one reference count.
     let handler = Arc::new(handler);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                // Set once the first request head is in; until then the connection lives on
-                // the head timeout below.
-                let got_head = Arc::new(AtomicBool::new(false));
-                let seen = got_head.clone();
-                // Marked gone when the connection's task ends (see `caller`).
-                let caller = Caller::new();
-                let gone_on_end = caller.gone_on_drop();
-                let svc = service_fn(move |req| {
-                    // A load first: on HTTP/2 many streams share the flag, so no write per
-                    // request once it is set.
-                    if !seen.load(Ordering::Relaxed) {
-                        seen.store(true, Ordering::Relaxed);
-                    }
-                    // Boxed: a request's future (balancing, retries, the endpoint call) is
-                    // several KiB, and hyper moves it into place and, for HTTP/2, into a task
-                    // per stream; copying it on every request was the top cost of the h2 path.
-                    // The handler's future is created inside the box on first poll, not built
-                    // on the stack and then copied in.
-                    let handler = handler.clone();
-                    let fut: Pin<Box<dyn Future<Output = Response<BoxBody>> + Send>> =
-                        Box::pin(caller::scope(caller.clone(), async move {
-                            handler(req, peer).await
-                        }));
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                let head_timeout = limits.header_read_timeout;
-                tokio::spawn(async move {
-                    let _gone_on_end = gone_on_end;
-                    let mut conn = std::pin::pin!(conn);
-                    // hyper's HTTP/1 head timer only starts once hyper_util has told HTTP/1
-                    // from HTTP/2 (which waits for bytes), and HTTP/2 has none: a silent
-                    // connection, or one that sent only the h2 preface, would be held
-                    // forever. So the head timeout runs from accept to the first request head;
-                    // after that hyper's HTTP/1 timer bounds each later head and keep-alive idle.
-                    let result = match tokio::time::timeout(head_timeout, conn.as_mut()).await {
-                        Ok(result) => result,
-                        Err(_) if !got_head.load(Ordering::Relaxed) => {
-                            tracing::debug!(%peer, ?head_timeout, "no request head in time; closing");
-                            return;
-                        }
-                        Err(_) => conn.await,
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => break,
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(?grace, "grace period over; closing connections still open");
-    }
+    sagamesh_server::serve(listener, options, shutdown, move |peer| {
+        let handler = handler.clone();
+        // Marked gone when the connection ends, which drops this service (see `caller`).
+        let caller = Caller::new();
+        let gone_on_end = caller.gone_on_drop();
+        service_fn(move |req| {
+            let _connection_open = &gone_on_end;
+            // Boxed: a request's future (balancing, retries, the endpoint call) is several
+            // KiB, and hyper moves it into place and, for HTTP/2, into a task per stream;
+            // copying it on every request was the top cost of the h2 path. The handler's
+            // future is created inside the box on first poll, not built on the stack and then
+            // copied in.
+            let handler = handler.clone();
+            let fut: Pin<Box<dyn Future<Output = Response<BoxBody>> + Send>> =
+                Box::pin(caller::scope(caller.clone(), async move {
+                    handler(req, peer).await
+                }));
+            async move { Ok::<_, Infallible>(fut.await) }
+        })
+    })
+    .await
 }
 
 /// The outbound proxy's handler state.

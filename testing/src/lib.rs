@@ -8,6 +8,7 @@
 //!   also when the body panics.
 
 pub mod fixtures;
+pub mod saga;
 pub mod shop;
 pub mod stats;
 

@@ -1,5 +1,6 @@
 //! The workspace's seams hold: the data plane compiles no Kubernetes client, the saga engine
-//! knows neither the mesh nor discovery, local mode runs without the operator. Read from
+//! knows neither the mesh, discovery, Kubernetes' client nor an HTTP stack, local mode and the
+//! CLI run without the operator. Read from
 //! `cargo tree` (normal and build dependencies, from Cargo.lock; it may fetch the manifests of
 //! packages for other platforms that a build on this one never downloaded).
 
@@ -13,7 +14,6 @@ fn tree(package: &str) -> BTreeSet<String> {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([
             "tree",
-            "--offline",
             "--locked",
             "-p",
             package,
@@ -51,6 +51,9 @@ fn the_data_plane_compiles_no_kubernetes_client() {
         "sagamesh-mesh",
         "sagamesh-discovery",
         "sagamesh-api",
+        // Local mode runs without a cluster: it needs kube-core's CRD types only.
+        "sagamesh-local",
+        "sagamesh",
     ] {
         assert_absent(
             package,
@@ -60,14 +63,24 @@ fn the_data_plane_compiles_no_kubernetes_client() {
 }
 
 #[test]
-fn the_saga_engine_knows_neither_the_mesh_nor_discovery() {
+fn the_saga_engine_knows_neither_the_mesh_nor_discovery_nor_kubernetes_nor_http() {
     assert_absent(
         "sagamesh-saga",
-        &["sagamesh-mesh", "sagamesh-discovery", "sagamesh-sidecar"],
+        &[
+            "sagamesh-mesh",
+            "sagamesh-discovery",
+            "sagamesh-sidecar",
+            "kube-client",
+            "kube-runtime",
+            "hyper",
+            "h2",
+            "tonic",
+        ],
     );
 }
 
 #[test]
-fn local_mode_runs_without_the_operator() {
+fn local_mode_and_the_cli_run_without_the_operator() {
     assert_absent("sagamesh-local", &["sagamesh-operator", "sagamesh-sidecar"]);
+    assert_absent("sagamesh", &["sagamesh-operator"]);
 }

@@ -23,8 +23,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::Kubeconfig;
 use kube::{Client, Resource};
-use sagamesh_api::discovery as pb;
-use sagamesh_api::discovery::discovery_client::DiscoveryClient;
+use sagamesh_discovery::proto as pb;
+use sagamesh_discovery::proto::discovery_client::DiscoveryClient;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 

@@ -1,5 +1,6 @@
-//! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process serves) and
-//! `/readyz` (the index has listed every kind once, so discovery answers with full state).
+//! The control plane's admin endpoints (the operator and `sagamesh local`): `/metrics`
+//! (Prometheus text or OpenMetrics, negotiated), `/healthz` (the process serves) and `/readyz`
+//! (the control plane has its full state, so discovery answers completely).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,21 +10,35 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use sagamesh_mesh::exposition;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::accept::{ServeOptions, serve as serve_http};
+use crate::exposition;
+
+/// Something whose metrics `/metrics` shows, as OpenMetrics text.
+pub trait EncodeMetrics: Send + Sync + 'static {
+    fn encode(&self) -> Result<String, std::fmt::Error>;
+}
+
+impl EncodeMetrics for Registry {
+    fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, self)?;
+        Ok(out)
+    }
+}
 
 /// What the admin endpoints report on.
 #[derive(Clone)]
 pub struct AdminState {
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<dyn EncodeMetrics>,
     pub ready: watch::Receiver<bool>,
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+/// A plain response with a content type (admin servers and the webhook answer these).
+pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -73,73 +88,62 @@ pub fn respond(
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` turns `true`.
-pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
-        };
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: watch::Receiver<bool>) {
+    serve_http(listener, ServeOptions::default(), shutdown, move |_peer| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let accept = req
-                    .headers()
-                    .get(header::ACCEPT)
-                    .and_then(|v| v.to_str().ok());
-                let resp = respond(&state, req.method(), req.uri().path(), accept);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "admin connection");
-            }
-        });
-    }
+        service_fn(move |req: Request<Incoming>| {
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let resp = respond(&state, req.method(), req.uri().path(), accept);
+            async move { Ok::<_, Infallible>(resp) }
+        })
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+    fn state(ready: watch::Receiver<bool>) -> AdminState {
+        let mut registry = Registry::default();
+        let sub = registry.sub_registry_with_prefix("sagamesh_test");
+        let reconciles = Counter::<u64>::default();
+        sub.register("reconciles", "Reconciles run", reconciles.clone());
+        let duration = Histogram::new(exponential_buckets(0.001, 2.0, 4));
+        sub.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            duration.clone(),
+        );
+        reconciles.inc();
+        duration.observe(0.002);
+        AdminState {
+            metrics: Arc::new(registry),
+            ready,
+        }
+    }
 
     #[test]
     fn routes() {
         let (tx, ready) = watch::channel(false);
-        let state = AdminState {
-            metrics: Arc::new(Metrics::default()),
-            ready,
-        };
+        let state = state(ready);
+        let status = |method: &Method, path: &str| respond(&state, method, path, None).status();
+        assert_eq!(status(&Method::GET, "/healthz"), StatusCode::OK);
         assert_eq!(
-            respond(&state, &Method::GET, "/healthz", None).status(),
-            StatusCode::OK
-        );
-        assert_eq!(
-            respond(&state, &Method::GET, "/readyz", None).status(),
+            status(&Method::GET, "/readyz"),
             StatusCode::SERVICE_UNAVAILABLE
         );
         tx.send_replace(true);
+        assert_eq!(status(&Method::GET, "/readyz"), StatusCode::OK);
+        assert_eq!(status(&Method::GET, "/metrics"), StatusCode::OK);
+        assert_eq!(status(&Method::GET, "/x"), StatusCode::NOT_FOUND);
         assert_eq!(
-            respond(&state, &Method::GET, "/readyz", None).status(),
-            StatusCode::OK
-        );
-        assert_eq!(
-            respond(&state, &Method::GET, "/metrics", None).status(),
-            StatusCode::OK
-        );
-        assert_eq!(
-            respond(&state, &Method::GET, "/x", None).status(),
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            respond(&state, &Method::POST, "/metrics", None).status(),
+            status(&Method::POST, "/metrics"),
             StatusCode::METHOD_NOT_ALLOWED
         );
     }
@@ -163,11 +167,7 @@ mod tests {
     async fn metrics_negotiate_openmetrics_or_prometheus_text() {
         use prometheus_parse::{Scrape, Value};
         let (_tx, ready) = watch::channel(true);
-        let state = AdminState {
-            metrics: Arc::new(Metrics::default()),
-            ready,
-        };
-        drop(state.metrics.reconcile_timer());
+        let state = state(ready);
 
         let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
         let (content_type, body) = metrics(&state, Some(prometheus)).await;
@@ -188,7 +188,7 @@ mod tests {
             let reconciles = scrape
                 .samples
                 .iter()
-                .find(|s| s.metric == "sagamesh_operator_reconciles_total")
+                .find(|s| s.metric == "sagamesh_test_reconciles_total")
                 .expect("reconciles");
             assert!(
                 matches!(reconciles.value, Value::Counter(v) if v == 1.0),
@@ -196,9 +196,11 @@ mod tests {
                 reconciles.value
             );
             assert!(
-                scrape.samples.iter().any(|s| s.metric
-                    == "sagamesh_operator_reconcile_duration_seconds"
-                    && matches!(s.value, Value::Histogram(_))),
+                scrape
+                    .samples
+                    .iter()
+                    .any(|s| s.metric == "sagamesh_test_reconcile_duration_seconds"
+                        && matches!(s.value, Value::Histogram(_))),
                 "{body}"
             );
         }

@@ -15,8 +15,8 @@
 
 use std::time::Duration;
 
-use crate::duration::{self, DurationError};
-use crate::service_registration as sr;
+use sagamesh_api::duration::{self, DurationError};
+use sagamesh_api::service_registration as sr;
 
 /// Generated protobuf messages and gRPC stubs of `sagamesh.discovery.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -15,7 +15,7 @@
 //!   step's call in flight when the controller stops (as on SIGTERM); a new controller resumes
 //!   them. Time from its start to the last `Succeeded`.
 //!
-//! `cargo bench -p sagamesh-saga --bench sagas` (release build). Knobs (environment):
+//! `cargo bench -p sagamesh-saga-kube --bench sagas` (release build). Knobs (environment):
 //! `SAGAS` (memory rounds, default 2000; the file rounds run a quarter), `KUBE_SAGAS` (default
 //! 200; also the all-at-once memory round), `ROUNDS` (default 2), `KUBE_TIMEOUT_SECS` (per
 //! Kubernetes wait, default 300), `RESUME=0` skips the restart round.
@@ -48,11 +48,9 @@ use kube::{
 use prometheus_client::registry::Registry;
 use sagamesh_api::saga::{CallPhase, Saga, SagaPhase, SagaSpec, SagaStatus};
 use sagamesh_saga::{
-    EngineConfig, Event, SagaRef, SagaStore, StoreError,
-    file_store::FileStore,
-    kubernetes::{KubeSagaStore, SagaController, SagaMetrics},
-    run,
+    EngineConfig, Event, SagaRef, SagaStore, StoreError, file_store::FileStore, run,
 };
+use sagamesh_saga_kube::{KubeSagaStore, SagaController, SagaMetrics};
 use sagamesh_testing::stats::{ms, percentile};
 use sagamesh_testing::{TestBed, test_bed};
 use serde_json::{Value, json};
@@ -64,9 +62,7 @@ use tower::{Layer, Service};
 
 // The tests' direct caller: plain HTTP to the test services (the mesh client's own cost is in
 // the proxy benchmark).
-#[path = "../tests/common/mod.rs"]
-mod common;
-use common::{DirectCaller as Direct, Fault, TestService};
+use sagamesh_testing::saga::{DirectCaller as Direct, Fault, TestService};
 
 const SERVICES: [&str; 4] = ["orders", "inventory", "payment", "shipping"];
 /// Saga creates in flight at once in the Kubernetes rounds.

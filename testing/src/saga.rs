@@ -1,9 +1,8 @@
-//! Test services (from the testing crate) and a direct caller for the saga engine.
-
-#![allow(dead_code)]
+//! A direct caller for the saga engine's tests, over the test services of [`crate::shop`].
 
 use std::{collections::HashMap, net::SocketAddr};
 
+pub use crate::shop::{Fault, TestService};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -12,7 +11,6 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use sagamesh_saga::{CallOutcome, CallRequest, ServiceCaller};
-pub use sagamesh_testing::shop::{Fault, TestService};
 
 /// A caller that reaches test services by name on 127.0.0.1 (plain HTTP, no mesh policy): the
 /// engine's own retry, timeout and compensation logic is what these tests exercise.

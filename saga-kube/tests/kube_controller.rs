@@ -4,8 +4,6 @@
 //! by the finalizer until the saga is terminal; and a controller whose watch lags (older copies
 //! of sagas it already finished arriving late) making no status write for them.
 
-mod common;
-
 use std::{
     future::Future,
     path::Path,
@@ -17,7 +15,6 @@ use std::{
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
-use common::{DirectCaller, Fault, TestService};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, StreamBody, combinators::UnsyncBoxBody};
 use k8s_openapi::api::events::v1::Event as KubeEvent;
@@ -29,10 +26,9 @@ use kube::{
     runtime::events::Reporter,
 };
 use sagamesh_api::saga::{Saga, SagaPhase};
-use sagamesh_saga::{
-    EngineConfig,
-    kubernetes::{KubeSagaStore, SagaController},
-};
+use sagamesh_saga::EngineConfig;
+use sagamesh_saga_kube::{KubeSagaStore, SagaController};
+use sagamesh_testing::saga::{DirectCaller, Fault, TestService};
 use sagamesh_testing::{eventually, test_bed};
 use serde_json::json;
 use tokio::{sync::watch, task::JoinHandle};

@@ -40,7 +40,7 @@ use sagamesh_api::backoff::{Backoff, FailureBackoff, Jitter};
 use sagamesh_api::saga::{Saga, SagaStatus};
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::{
+use sagamesh_saga::{
     engine::{self, EngineConfig, SagaRef, SagaStore, ServiceCaller, StoreError},
     state::{Call, Event, progress},
 };
@@ -707,7 +707,7 @@ fn error_policy<C>(saga: Arc<Saga>, error: &ReconcileError, ctx: Arc<Context<C>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CallOutcome, CallRequest};
+    use sagamesh_saga::engine::{CallOutcome, CallRequest};
 
     /// Reconciles here fail before any call.
     struct NoCalls;

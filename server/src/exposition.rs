@@ -1,4 +1,4 @@
-//! `/metrics` content negotiation, shared by the sidecar's and the operator's admin servers.
+//! `/metrics` content negotiation, shared by every admin server (sidecar, operator, local mode).
 //!
 //! The registries encode OpenMetrics text only. A scraper that asks for OpenMetrics (Prometheus
 //! does, at the highest q-value) gets that text unchanged; everyone else (older scrapers, curl,
