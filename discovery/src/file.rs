@@ -205,13 +205,8 @@ impl FileDiscovery {
         }
         let revision = self.revision.fetch_add(1, Ordering::Relaxed) + 1;
         drop(state);
-        self.watches.update_all(|key| match all.remove(key) {
-            Some(s) => Resolution::Snapshot {
-                revision,
-                snapshot: Arc::new(s),
-            },
-            None => Resolution::DoesNotExist { revision },
-        });
+        self.watches
+            .update_all(|key| Resolution::of(revision, all.remove(key).map(Arc::new)));
         // Services nobody watches yet are created on first watch from the stored files.
         self.loaded.store(true, Ordering::Relaxed);
         tracing::info!(path = %self.path.display(), revision, "manifests loaded");
@@ -229,11 +224,8 @@ impl FileDiscovery {
             .values()
             .flatten()
             .find(|(k, _)| k == key)
-            .map(|(_, s)| Resolution::Snapshot {
-                revision,
-                snapshot: Arc::new(s.clone()),
-            })
-            .unwrap_or(Resolution::DoesNotExist { revision })
+            .map(|(_, s)| Resolution::snapshot(revision, Arc::new(s.clone())))
+            .unwrap_or_else(|| Resolution::does_not_exist(revision))
     }
 
     /// Files that failed to load, with their errors.

@@ -8,7 +8,7 @@
 //! and callers keep the last known state.
 //!
 //! [`proto`] is the discovery protocol itself (the generated gRPC code and its conversions from
-//! the ServiceRegistration types); [`server`] serves it over any [`server::ViewSource`].
+//! the ServiceRegistration types); [`server`] serves it over any [`server::Source`].
 
 pub mod file;
 pub mod grpc;
@@ -18,37 +18,119 @@ pub mod server;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::proto as pb;
 use tokio::sync::watch;
 
 use crate::name::ServiceKey;
 
-/// What is known about one service.
-#[derive(Clone, Debug, PartialEq)]
+/// What is known about one service: the one service-state type of Sagamesh. The control
+/// plane's sources (the operator's index, the local control plane) keep it in a [`Watches`]
+/// table, the discovery server streams it, and every sidecar-side source hands it to the mesh
+/// client.
+///
+/// `revision` grows with every change (unique across a source); `changed_at` is when the source
+/// made the change (for the discovery server's push-latency metric) and is not part of the
+/// state: two resolutions that differ only in it are equal.
+#[derive(Clone, Debug)]
 pub enum Resolution {
     /// Nothing heard yet.
     Pending,
     /// The source says the service does not exist.
-    DoesNotExist { revision: u64 },
+    DoesNotExist { revision: u64, changed_at: Instant },
     /// Full state of the service.
     Snapshot {
         revision: u64,
+        changed_at: Instant,
         snapshot: Arc<pb::Snapshot>,
     },
 }
 
+impl PartialEq for Resolution {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Resolution::Pending, Resolution::Pending) => true,
+            (
+                Resolution::DoesNotExist { revision: a, .. },
+                Resolution::DoesNotExist { revision: b, .. },
+            ) => a == b,
+            (
+                Resolution::Snapshot {
+                    revision: a,
+                    snapshot: x,
+                    ..
+                },
+                Resolution::Snapshot {
+                    revision: b,
+                    snapshot: y,
+                    ..
+                },
+            ) => a == b && x == y,
+            _ => false,
+        }
+    }
+}
+
 impl Resolution {
+    /// The service's full state, changed now.
+    pub fn snapshot(revision: u64, snapshot: Arc<pb::Snapshot>) -> Self {
+        Resolution::Snapshot {
+            revision,
+            changed_at: Instant::now(),
+            snapshot,
+        }
+    }
+
+    /// The service does not exist, as of now.
+    pub fn does_not_exist(revision: u64) -> Self {
+        Resolution::DoesNotExist {
+            revision,
+            changed_at: Instant::now(),
+        }
+    }
+
+    /// From the source's current snapshot, if any.
+    pub fn of(revision: u64, snapshot: Option<Arc<pb::Snapshot>>) -> Self {
+        match snapshot {
+            Some(snapshot) => Resolution::snapshot(revision, snapshot),
+            None => Resolution::does_not_exist(revision),
+        }
+    }
+
     /// From a discovery `Update` message; `None` if it carries neither kind.
     pub fn from_update(update: pb::Update) -> Option<Self> {
         match update.kind? {
-            pb::update::Kind::Snapshot(s) => Some(Resolution::Snapshot {
-                revision: update.revision,
-                snapshot: Arc::new(s),
+            pb::update::Kind::Snapshot(s) => {
+                Some(Resolution::snapshot(update.revision, Arc::new(s)))
+            }
+            pb::update::Kind::DoesNotExist(_) => Some(Resolution::does_not_exist(update.revision)),
+        }
+    }
+
+    /// The discovery `Update` message for this state; `None` while pending.
+    pub fn to_update(&self) -> Option<pb::Update> {
+        match self {
+            Resolution::Pending => None,
+            Resolution::DoesNotExist { revision, .. } => Some(pb::Update {
+                revision: *revision,
+                kind: Some(pb::update::Kind::DoesNotExist(pb::DoesNotExist {})),
             }),
-            pb::update::Kind::DoesNotExist(_) => Some(Resolution::DoesNotExist {
-                revision: update.revision,
+            Resolution::Snapshot {
+                revision, snapshot, ..
+            } => Some(pb::Update {
+                revision: *revision,
+                kind: Some(pb::update::Kind::Snapshot(pb::Snapshot::clone(snapshot))),
             }),
+        }
+    }
+
+    /// When the source made this change (`None` while pending).
+    pub fn changed_at(&self) -> Option<Instant> {
+        match self {
+            Resolution::Pending => None,
+            Resolution::DoesNotExist { changed_at, .. }
+            | Resolution::Snapshot { changed_at, .. } => Some(*changed_at),
         }
     }
 
@@ -56,10 +138,12 @@ impl Resolution {
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             Resolution::Pending => serde_json::json!({"state": "pending"}),
-            Resolution::DoesNotExist { revision } => {
+            Resolution::DoesNotExist { revision, .. } => {
                 serde_json::json!({"state": "does-not-exist", "revision": revision})
             }
-            Resolution::Snapshot { revision, snapshot } => serde_json::json!({
+            Resolution::Snapshot {
+                revision, snapshot, ..
+            } => serde_json::json!({
                 "state": "snapshot",
                 "revision": revision,
                 "endpoints": snapshot.endpoints.iter().map(|e| serde_json::json!({
@@ -109,10 +193,7 @@ impl Watches {
         key: &ServiceKey,
         initial: impl FnOnce() -> Resolution,
     ) -> (watch::Receiver<Resolution>, bool) {
-        let mut map = match self.senders.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut map = lock(&self.senders);
         if let Some(tx) = map.get(key) {
             return (tx.subscribe(), false);
         }
@@ -123,10 +204,7 @@ impl Watches {
 
     /// Sets the state of a service (creating its entry), notifying watchers only on change.
     pub fn set(&self, key: &ServiceKey, value: Resolution) {
-        let mut map = match self.senders.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut map = lock(&self.senders);
         match map.get(key) {
             Some(tx) => {
                 tx.send_if_modified(|cur| {
@@ -145,12 +223,40 @@ impl Watches {
         }
     }
 
+    /// Sets the state of a service only if someone subscribed to it (a control-plane source
+    /// keeps entries only for watched services). Returns whether the entry exists.
+    pub fn set_if_watched(&self, key: &ServiceKey, value: Resolution) -> bool {
+        let map = lock(&self.senders);
+        let Some(tx) = map.get(key) else {
+            return false;
+        };
+        tx.send_if_modified(|cur| {
+            if same_state(cur, &value) {
+                false
+            } else {
+                *cur = value;
+                true
+            }
+        });
+        true
+    }
+
+    /// Forgets a service nobody watches any more (no receiver left); keeps it otherwise.
+    pub fn release(&self, key: &ServiceKey) {
+        let mut map = lock(&self.senders);
+        if map.get(key).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(key);
+        }
+    }
+
+    /// The watched services.
+    pub fn keys(&self) -> Vec<ServiceKey> {
+        lock(&self.senders).keys().cloned().collect()
+    }
+
     /// Applies `f` to every entry's key to compute its new state.
     pub fn update_all(&self, mut f: impl FnMut(&ServiceKey) -> Resolution) {
-        let map = match self.senders.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let map = lock(&self.senders);
         for (key, tx) in map.iter() {
             let value = f(key);
             tx.send_if_modified(|cur| {
@@ -165,10 +271,7 @@ impl Watches {
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        let map = match self.senders.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let map = lock(&self.senders);
         let mut keys: Vec<_> = map.keys().cloned().collect();
         keys.sort();
         serde_json::Value::Object(
@@ -180,6 +283,12 @@ impl Watches {
                 .collect(),
         )
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Equal content, whatever the revision (a reload that changes nothing wakes nobody).
@@ -214,13 +323,8 @@ impl StaticDiscovery {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         let key = ServiceKey::new(&snapshot.namespace, &snapshot.service);
-        self.watches.set(
-            &key,
-            Resolution::Snapshot {
-                revision,
-                snapshot: Arc::new(snapshot),
-            },
-        );
+        self.watches
+            .set(&key, Resolution::snapshot(revision, Arc::new(snapshot)));
     }
 
     /// Removes a service.
@@ -229,14 +333,14 @@ impl StaticDiscovery {
             .revision
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
-        self.watches.set(key, Resolution::DoesNotExist { revision });
+        self.watches.set(key, Resolution::does_not_exist(revision));
     }
 }
 
 impl Discover for StaticDiscovery {
     fn watch(&self, service: &ServiceKey) -> watch::Receiver<Resolution> {
         self.watches
-            .subscribe(service, || Resolution::DoesNotExist { revision: 0 })
+            .subscribe(service, || Resolution::does_not_exist(0))
             .0
     }
 

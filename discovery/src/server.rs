@@ -1,16 +1,18 @@
 //! The discovery gRPC server: `Watch(namespace, service)` answers with the service's full state
 //! at once and then with every change.
 //!
-//! It knows nothing of Kubernetes: it reads plain [`View`]s from a [`ViewSource`] (the operator's
-//! index, or local mode's manifest directory). Every watcher
-//! of a service shares one `tokio::sync::watch` channel, so a slow watcher only ever gets the
-//! latest view (coalesced) and never holds back the others, and no watcher causes an API call.
+//! It knows nothing of Kubernetes: it reads each service's [`Resolution`] from a [`Source`] (the
+//! operator's index, or local mode's manifest directory). Every watcher of a service shares one
+//! `tokio::sync::watch` channel, so a slow watcher only ever gets the latest state (coalesced)
+//! and never holds back the others, and no watcher causes an API call.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::name::ServiceKey;
 use crate::proto as pb;
+use crate::{Discover, Resolution};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
@@ -66,52 +68,19 @@ impl ServerMetrics {
     }
 }
 
-/// The state of one destination service, as watchers see it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct View {
-    /// Grows with every change; unique across the whole server (see [`View::revision`]).
-    pub revision: u64,
-    /// When the change was made in the source (for the push-latency metric).
-    pub changed_at: Instant,
-    /// `None`: no registration of that name exists.
-    pub snapshot: Option<pb::Snapshot>,
-}
-
-impl View {
-    /// The view of a service that does not exist.
-    pub fn does_not_exist(revision: u64) -> Self {
-        View {
-            revision,
-            changed_at: Instant::now(),
-            snapshot: None,
-        }
-    }
-
-    /// The protobuf update for this view.
-    pub fn to_update(&self) -> pb::Update {
-        pb::Update {
-            revision: self.revision,
-            kind: Some(match &self.snapshot {
-                Some(s) => pb::update::Kind::Snapshot(s.clone()),
-                None => pb::update::Kind::DoesNotExist(pb::DoesNotExist {}),
-            }),
-        }
-    }
-}
-
-/// A source of views: the operator's index and local mode's manifest table implement it.
-pub trait ViewSource: Send + Sync + 'static {
+/// A source the server can serve: a [`Discover`] (each service's [`Resolution`], from the
+/// source's [`crate::Watches`] table) that also tells when its picture is complete and hears
+/// when a watcher goes away. The operator's index and the local control plane implement it;
+/// the operator's in-process mesh client reads the same index through [`Discover`].
+pub trait Source: Discover {
     /// Becomes `true` once the source holds a complete picture (initial lists done). Watches
     /// are answered only after that, so a restarting control plane never pushes a half-empty
     /// state to the sidecars.
     fn ready(&self) -> watch::Receiver<bool>;
 
-    /// Subscribes to one service; the receiver holds its current view at once.
-    fn subscribe(&self, namespace: &str, service: &str) -> watch::Receiver<Arc<View>>;
-
     /// Called when a watcher of the service goes away (after its receiver is dropped), so the
-    /// source can forget channels nobody watches.
-    fn release(&self, namespace: &str, service: &str);
+    /// source can forget services nobody watches ([`crate::Watches::release`]).
+    fn release(&self, service: &ServiceKey);
 }
 
 /// How long a `Watch` waits for the source to become ready before answering `UNAVAILABLE`
@@ -125,7 +94,7 @@ pub struct DiscoveryService<D> {
     shutdown: watch::Receiver<bool>,
 }
 
-impl<D: ViewSource> DiscoveryService<D> {
+impl<D: Source> DiscoveryService<D> {
     /// `shutdown` turning `true` ends every open stream cleanly.
     pub fn new(
         source: Arc<D>,
@@ -157,24 +126,23 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Keeps the watcher gauge right and tells the source when a watcher goes away.
-struct WatchGuard<D: ViewSource> {
+struct WatchGuard<D: Source> {
     source: Arc<D>,
     metrics: Arc<ServerMetrics>,
-    namespace: String,
-    service: String,
+    service: ServiceKey,
 }
 
-impl<D: ViewSource> Drop for WatchGuard<D> {
+impl<D: Source> Drop for WatchGuard<D> {
     fn drop(&mut self) {
         self.metrics.watchers.dec();
-        self.source.release(&self.namespace, &self.service);
+        self.source.release(&self.service);
     }
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::Update, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl<D: ViewSource> pb::discovery_server::Discovery for DiscoveryService<D> {
+impl<D: Source> pb::discovery_server::Discovery for DiscoveryService<D> {
     type WatchStream = UpdateStream;
 
     async fn watch(
@@ -199,15 +167,15 @@ impl<D: ViewSource> pb::discovery_server::Discovery for DiscoveryService<D> {
         }
         tracing::debug!(namespace = %req.namespace, service = %req.service, caller = %req.caller, "watch opened");
 
-        let rx = self.source.subscribe(&req.namespace, &req.service);
+        let service = ServiceKey::new(&req.namespace, &req.service);
+        let rx = self.source.watch(&service);
         self.metrics.watchers.inc();
         // The guard lives in the stream's closure: it drops (after the receiver, which
         // `WatchStream` owns and drops first) when the client goes away or the server stops.
         let guard = WatchGuard {
             source: self.source.clone(),
             metrics: self.metrics.clone(),
-            namespace: req.namespace,
-            service: req.service,
+            service,
         };
         let metrics = self.metrics.clone();
         let mut first = true;
@@ -217,17 +185,21 @@ impl<D: ViewSource> pb::discovery_server::Discovery for DiscoveryService<D> {
             let _ = shutdown.wait_for(|s| *s).await;
         };
         let stream = WatchStream::new(rx)
-            .map(move |view: Arc<View>| {
+            .filter_map(move |state: Resolution| {
                 let _keep = &guard;
-                if first {
-                    first = false;
-                } else {
-                    metrics
-                        .push_latency
-                        .observe(view.changed_at.elapsed().as_secs_f64());
+                // A ready source never holds a pending state; if one did, there is nothing to say.
+                let update = state.to_update();
+                if let Some(changed_at) = state.changed_at().filter(|_| update.is_some()) {
+                    if first {
+                        first = false;
+                    } else {
+                        metrics
+                            .push_latency
+                            .observe(changed_at.elapsed().as_secs_f64());
+                    }
+                    metrics.updates_sent.inc();
                 }
-                metrics.updates_sent.inc();
-                Ok(view.to_update())
+                std::future::ready(update.map(Ok))
             })
             .take_until(stopped);
         Ok(Response::new(Box::pin(stream)))
@@ -235,7 +207,7 @@ impl<D: ViewSource> pb::discovery_server::Discovery for DiscoveryService<D> {
 }
 
 /// Serves the discovery API on `listener` until `shutdown` turns `true`.
-pub async fn serve<D: ViewSource>(
+pub async fn serve<D: Source>(
     listener: tokio::net::TcpListener,
     service: DiscoveryService<D>,
     shutdown: watch::Receiver<bool>,
@@ -273,13 +245,12 @@ const DRAIN_CONNECTIONS: Duration = Duration::from_secs(2);
 mod tests {
     use super::*;
     use pb::discovery_server::Discovery as _;
-    use std::collections::HashMap;
     use std::sync::Mutex;
 
-    /// A source with one settable view per service.
+    /// A source with one settable state per service.
     struct Fake {
         ready: watch::Sender<bool>,
-        views: Mutex<HashMap<String, watch::Sender<Arc<View>>>>,
+        watches: crate::Watches,
         released: Mutex<Vec<String>>,
     }
 
@@ -287,35 +258,35 @@ mod tests {
         fn new() -> Arc<Self> {
             Arc::new(Fake {
                 ready: watch::channel(true).0,
-                views: Mutex::new(HashMap::new()),
+                watches: crate::Watches::default(),
                 released: Mutex::new(Vec::new()),
             })
         }
-        fn set(&self, service: &str, view: View) {
-            let mut views = self.views.lock().expect("lock");
-            let tx = views
-                .entry(service.to_string())
-                .or_insert_with(|| watch::channel(Arc::new(View::does_not_exist(0))).0);
-            tx.send_replace(Arc::new(view));
+        fn set(&self, service: &str, state: Resolution) {
+            self.watches.set(&ServiceKey::new("ns", service), state);
         }
     }
 
-    impl ViewSource for Fake {
+    impl Discover for Fake {
+        fn watch(&self, service: &ServiceKey) -> watch::Receiver<Resolution> {
+            self.watches
+                .subscribe(service, || Resolution::does_not_exist(1))
+                .0
+        }
+        fn debug_state(&self) -> serde_json::Value {
+            self.watches.to_json()
+        }
+    }
+
+    impl Source for Fake {
         fn ready(&self) -> watch::Receiver<bool> {
             self.ready.subscribe()
         }
-        fn subscribe(&self, _ns: &str, service: &str) -> watch::Receiver<Arc<View>> {
-            let mut views = self.views.lock().expect("lock");
-            views
-                .entry(service.to_string())
-                .or_insert_with(|| watch::channel(Arc::new(View::does_not_exist(1))).0)
-                .subscribe()
-        }
-        fn release(&self, _ns: &str, service: &str) {
+        fn release(&self, service: &ServiceKey) {
             self.released
                 .lock()
                 .expect("lock")
-                .push(service.to_string());
+                .push(service.name.to_string());
         }
     }
 
@@ -369,11 +340,7 @@ mod tests {
         ] {
             fake.set(
                 "orders",
-                View {
-                    revision: rev,
-                    changed_at: Instant::now(),
-                    snapshot: Some(snapshot(&addrs)),
-                },
+                Resolution::snapshot(rev, Arc::new(snapshot(&addrs))),
             );
         }
         let next = stream.next().await.expect("next").expect("ok");

@@ -8,23 +8,22 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Instant,
 };
 
+use sagamesh_discovery::name::ServiceKey;
 use sagamesh_discovery::proto::Snapshot;
-use sagamesh_discovery::server::{View, ViewSource};
+use sagamesh_discovery::server::Source;
+use sagamesh_discovery::{Discover, Resolution, Watches};
 use tokio::sync::watch;
 
 use crate::runner::RegistrationSink;
-
-type Key = (String, String);
 
 /// Registrations by namespace and name, with one watch channel per watched service.
 pub struct LocalDiscovery {
     ready: watch::Sender<bool>,
     revision: AtomicU64,
-    current: Mutex<HashMap<Key, Snapshot>>,
-    watches: Mutex<HashMap<Key, watch::Sender<Arc<View>>>>,
+    current: Mutex<HashMap<ServiceKey, Arc<Snapshot>>>,
+    watches: Watches,
 }
 
 impl LocalDiscovery {
@@ -33,7 +32,7 @@ impl LocalDiscovery {
             ready: watch::channel(false).0,
             revision: AtomicU64::new(0),
             current: Mutex::default(),
-            watches: Mutex::default(),
+            watches: Watches::default(),
         })
     }
 
@@ -41,44 +40,30 @@ impl LocalDiscovery {
         self.revision.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    fn view(&self, snapshot: Option<Snapshot>) -> Arc<View> {
-        Arc::new(View {
-            revision: self.next_revision(),
-            changed_at: Instant::now(),
-            snapshot,
-        })
-    }
-
-    fn publish(&self, key: &Key, snapshot: Option<Snapshot>) {
-        let watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = watches.get(key) {
-            tx.send_replace(self.view(snapshot));
-        }
+    fn current(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceKey, Arc<Snapshot>>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl RegistrationSink for LocalDiscovery {
     fn set(&self, namespace: &str, name: &str, snapshot: Snapshot) {
-        let key = (namespace.to_string(), name.to_string());
-        let changed = {
-            let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-            current.insert(key.clone(), snapshot.clone()).as_ref() != Some(&snapshot)
-        };
-        if changed {
-            self.publish(&key, Some(snapshot));
+        let key = ServiceKey::new(namespace, name);
+        let snapshot = Arc::new(snapshot);
+        let mut current = self.current();
+        if current.get(&key) != Some(&snapshot) {
+            current.insert(key.clone(), snapshot.clone());
+            // Under the table's lock, so a concurrent watch sees the old state or this one.
+            self.watches
+                .set_if_watched(&key, Resolution::snapshot(self.next_revision(), snapshot));
         }
     }
 
     fn remove(&self, namespace: &str, name: &str) {
-        let key = (namespace.to_string(), name.to_string());
-        if self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key)
-            .is_some()
-        {
-            self.publish(&key, None);
+        let key = ServiceKey::new(namespace, name);
+        let mut current = self.current();
+        if current.remove(&key).is_some() {
+            self.watches
+                .set_if_watched(&key, Resolution::does_not_exist(self.next_revision()));
         }
     }
 
@@ -87,33 +72,30 @@ impl RegistrationSink for LocalDiscovery {
     }
 }
 
-impl ViewSource for LocalDiscovery {
+impl Discover for LocalDiscovery {
+    fn watch(&self, service: &ServiceKey) -> watch::Receiver<Resolution> {
+        let current = self.current();
+        let snapshot = current.get(service).cloned();
+        self.watches
+            .subscribe(service, || Resolution::of(self.next_revision(), snapshot))
+            .0
+    }
+
+    fn debug_state(&self) -> serde_json::Value {
+        serde_json::json!({"source": "local", "services": self.watches.to_json()})
+    }
+
+    fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+}
+
+impl Source for LocalDiscovery {
     fn ready(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
     }
 
-    fn subscribe(&self, namespace: &str, service: &str) -> watch::Receiver<Arc<View>> {
-        let key = (namespace.to_string(), service.to_string());
-        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = watches.get(&key) {
-            return tx.subscribe();
-        }
-        let snapshot = self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .cloned();
-        let (tx, rx) = watch::channel(self.view(snapshot));
-        watches.insert(key, tx);
-        rx
-    }
-
-    fn release(&self, namespace: &str, service: &str) {
-        let key = (namespace.to_string(), service.to_string());
-        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if watches.get(&key).is_some_and(|tx| tx.receiver_count() == 0) {
-            watches.remove(&key);
-        }
+    fn release(&self, service: &ServiceKey) {
+        self.watches.release(service);
     }
 }

@@ -1,6 +1,7 @@
 //! The operator's one in-memory index: ServiceRegistrations, Pods, Services and EndpointSlices,
 //! fed by watches, shared by the reconciler (which reads a [`Summary`] per registration) and the
-//! discovery server (which reads [`View`]s through per-service `watch` channels).
+//! discovery server and the operator's saga calls (which read each service's [`Resolution`]
+//! through the one per-service watch table, [`Watches`]).
 //!
 //! Where a selector-based registration's endpoints come from:
 //! - If a **Service of the same name** exists in the namespace, its **EndpointSlices win**: the
@@ -17,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -27,7 +28,9 @@ use sagamesh_api::{ServiceRegistration, service_registration as sr};
 use sagamesh_discovery::proto as pb;
 use tokio::sync::{mpsc, watch};
 
-use sagamesh_discovery::server::{View, ViewSource};
+use sagamesh_discovery::name::ServiceKey;
+use sagamesh_discovery::server::Source as ServedSource;
+use sagamesh_discovery::{Discover, Resolution, Watches};
 
 /// The label the EndpointSlice controller puts on a Service's slices.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -212,20 +215,21 @@ pub struct Summary {
     pub outcome: Outcome,
 }
 
-/// A registration resolved against the index.
+/// A registration resolved against the index: what the reconciler reports and what watchers
+/// see (as a [`Resolution`]).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Resolution {
+pub struct Resolved {
     pub summary: Summary,
     /// `None` when the spec is invalid: watchers then see `DoesNotExist`.
-    pub snapshot: Option<pb::Snapshot>,
+    pub snapshot: Option<Arc<pb::Snapshot>>,
 }
 
 /// Resolves one registration against the objects of its namespace. Pure.
-fn resolve(namespace: &str, name: &str, reg: &Registration, ns: &NsIndex) -> Resolution {
+fn resolve(namespace: &str, name: &str, reg: &Registration, ns: &NsIndex) -> Resolved {
     let wire = match &reg.wire {
         Ok(w) => w,
         Err(msg) => {
-            return Resolution {
+            return Resolved {
                 summary: Summary {
                     generation: reg.generation,
                     source: if reg.spec.endpoints.is_some() {
@@ -332,7 +336,7 @@ fn resolve(namespace: &str, name: &str, reg: &Registration, ns: &NsIndex) -> Res
     } else {
         Outcome::EndpointsFound
     });
-    Resolution {
+    Resolved {
         summary: Summary {
             generation: reg.generation,
             source,
@@ -340,13 +344,13 @@ fn resolve(namespace: &str, name: &str, reg: &Registration, ns: &NsIndex) -> Res
             total,
             outcome,
         },
-        snapshot: Some(pb::Snapshot {
+        snapshot: Some(Arc::new(pb::Snapshot {
             namespace: namespace.to_string(),
             service: name.to_string(),
             endpoints,
             ports: wire.ports.clone(),
             policy: Some(wire.policy.clone()),
-        }),
+        })),
     }
 }
 
@@ -358,8 +362,7 @@ struct NsIndex {
     pods: HashMap<String, PodInfo>,
     services: HashSet<String>,
     slices: HashMap<String, SliceInfo>,
-    resolutions: HashMap<String, Resolution>,
-    watches: HashMap<String, watch::Sender<Arc<View>>>,
+    resolutions: HashMap<String, Resolved>,
 }
 
 impl NsIndex {
@@ -369,7 +372,6 @@ impl NsIndex {
             && self.services.is_empty()
             && self.slices.is_empty()
             && self.resolutions.is_empty()
-            && self.watches.is_empty()
     }
 }
 
@@ -392,6 +394,8 @@ const KINDS: [Kind; 4] = [
 /// The index proper; use it through [`SharedIndex`].
 pub struct Index {
     namespaces: HashMap<String, NsIndex>,
+    /// The watched services' state (the discovery server's and the saga calls' receivers).
+    watches: Watches,
     next_revision: u64,
     synced: HashSet<Kind>,
     ready: watch::Sender<bool>,
@@ -415,6 +419,7 @@ impl SharedIndex {
             .unwrap_or(1);
         let index = Index {
             namespaces: HashMap::new(),
+            watches: Watches::default(),
             next_revision: start,
             synced: HashSet::new(),
             ready: watch::channel(false).0,
@@ -435,7 +440,7 @@ impl SharedIndex {
     }
 
     /// The snapshot watchers of a service see now (`None`: DoesNotExist).
-    pub fn snapshot(&self, namespace: &str, name: &str) -> Option<pb::Snapshot> {
+    pub fn snapshot(&self, namespace: &str, name: &str) -> Option<Arc<pb::Snapshot>> {
         let index = self.0.read();
         index
             .namespaces
@@ -496,9 +501,14 @@ impl Index {
                 idx.registrations
                     .keys()
                     .chain(idx.resolutions.keys())
-                    .chain(idx.watches.keys())
                     .map(move |n| (ns.clone(), n.clone()))
             })
+            .chain(
+                self.watches
+                    .keys()
+                    .into_iter()
+                    .map(|key| (key.namespace, key.name)),
+            )
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
@@ -512,6 +522,7 @@ impl Index {
     fn recompute(&mut self, namespace: &str, name: &str) {
         let Index {
             namespaces,
+            watches,
             next_revision,
             triggers,
             ..
@@ -532,15 +543,11 @@ impl Index {
         }
         let old_snapshot = old.and_then(|o| o.snapshot.as_ref());
         let new_snapshot = new.as_ref().and_then(|n| n.snapshot.as_ref());
-        if old_snapshot != new_snapshot
-            && let Some(tx) = ns.watches.get(name)
-        {
-            *next_revision += 1;
-            tx.send_replace(Arc::new(View {
-                revision: *next_revision,
-                changed_at: Instant::now(),
-                snapshot: new_snapshot.cloned(),
-            }));
+        if old_snapshot != new_snapshot {
+            let state = Resolution::of(*next_revision + 1, new_snapshot.cloned());
+            if watches.set_if_watched(&ServiceKey::new(namespace, name), state) {
+                *next_revision += 1;
+            }
         }
         match new {
             Some(new) => {
@@ -570,43 +577,46 @@ impl Index {
     }
 }
 
-impl ViewSource for SharedIndex {
+impl SharedIndex {
+    /// Subscribes to one service; the receiver holds its current state at once.
+    pub fn subscribe(&self, namespace: &str, service: &str) -> watch::Receiver<Resolution> {
+        self.watch(&ServiceKey::new(namespace, service))
+    }
+}
+
+impl Discover for SharedIndex {
+    fn watch(&self, service: &ServiceKey) -> watch::Receiver<Resolution> {
+        // Under the lock: no change (made under the write lock) can land between reading the
+        // state and subscribing.
+        let index = self.0.read();
+        let revision = index.next_revision;
+        let snapshot = index
+            .namespaces
+            .get(&service.namespace)
+            .and_then(|ns| ns.resolutions.get(&service.name))
+            .and_then(|r| r.snapshot.clone());
+        index
+            .watches
+            .subscribe(service, || Resolution::of(revision, snapshot))
+            .0
+    }
+
+    fn debug_state(&self) -> serde_json::Value {
+        serde_json::json!({"source": "index", "services": self.0.read().watches.to_json()})
+    }
+
+    fn is_ready(&self) -> bool {
+        SharedIndex::is_ready(self)
+    }
+}
+
+impl ServedSource for SharedIndex {
     fn ready(&self) -> watch::Receiver<bool> {
         self.0.read().ready.subscribe()
     }
 
-    fn subscribe(&self, namespace: &str, service: &str) -> watch::Receiver<Arc<View>> {
-        let mut index = self.0.write();
-        let revision = index.next_revision;
-        let ns = index.ns(namespace);
-        if let Some(tx) = ns.watches.get(service) {
-            return tx.subscribe();
-        }
-        let snapshot = ns.resolutions.get(service).and_then(|r| r.snapshot.clone());
-        let (tx, rx) = watch::channel(Arc::new(View {
-            revision,
-            changed_at: Instant::now(),
-            snapshot,
-        }));
-        ns.watches.insert(service.to_string(), tx);
-        rx
-    }
-
-    fn release(&self, namespace: &str, service: &str) {
-        let mut index = self.0.write();
-        let Some(ns) = index.namespaces.get_mut(namespace) else {
-            return;
-        };
-        if ns
-            .watches
-            .get(service)
-            .is_some_and(|tx| tx.receiver_count() == 0)
-        {
-            ns.watches.remove(service);
-            if ns.is_empty() {
-                index.namespaces.remove(namespace);
-            }
-        }
+    fn release(&self, service: &ServiceKey) {
+        self.0.read().watches.release(service);
     }
 }
 
@@ -865,8 +875,24 @@ mod tests {
         (index, rx)
     }
 
-    fn ready_addresses(view: &View) -> Vec<String> {
-        view.snapshot
+    fn snapshot_of(state: &Resolution) -> Option<&pb::Snapshot> {
+        match state {
+            Resolution::Snapshot { snapshot, .. } => Some(snapshot),
+            _ => None,
+        }
+    }
+
+    fn revision_of(state: &Resolution) -> u64 {
+        match state {
+            Resolution::Snapshot { revision, .. } | Resolution::DoesNotExist { revision, .. } => {
+                *revision
+            }
+            Resolution::Pending => 0,
+        }
+    }
+
+    fn ready_addresses(state: &Resolution) -> Vec<String> {
+        snapshot_of(state)
             .iter()
             .flat_map(|s| &s.endpoints)
             .filter(|e| e.ready)
@@ -878,8 +904,8 @@ mod tests {
     fn pods_become_endpoints_and_watchers_follow() {
         let (index, mut triggers) = ready_index();
         let mut rx = index.subscribe("shop", "orders");
-        assert!(rx.borrow_and_update().snapshot.is_none());
-        let rev0 = rx.borrow().revision;
+        assert!(snapshot_of(&rx.borrow_and_update()).is_none());
+        let rev0 = revision_of(&rx.borrow());
 
         index.apply(&sreg("orders", Some(&[("app", "orders")])));
         assert_eq!(
@@ -889,7 +915,7 @@ mod tests {
         let s = index.summary("shop", "orders").expect("summary");
         assert_eq!(s.outcome, Outcome::NoMatchingPods);
         assert!(rx.has_changed().unwrap_or(false));
-        assert!(rx.borrow_and_update().revision > rev0);
+        assert!(revision_of(&rx.borrow_and_update()) > rev0);
 
         for (i, ip) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
             index.apply(&pod(&format!("p{i}"), "orders", Some(ip), true));
@@ -906,10 +932,7 @@ mod tests {
             ready_addresses(&view),
             ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
         );
-        assert_eq!(
-            view.snapshot.as_ref().map(|s| s.endpoints[0].port),
-            Some(8080)
-        );
+        assert_eq!(snapshot_of(&view).map(|s| s.endpoints[0].port), Some(8080));
 
         // Same pod again: no push, no trigger.
         while triggers.try_recv().is_ok() {}
@@ -926,7 +949,7 @@ mod tests {
 
         // Deleted registration: DoesNotExist.
         index.delete(&sreg("orders", Some(&[("app", "orders")])));
-        assert!(rx.borrow_and_update().snapshot.is_none());
+        assert!(snapshot_of(&rx.borrow_and_update()).is_none());
         assert!(index.summary("shop", "orders").is_none());
     }
 
@@ -1022,12 +1045,17 @@ mod tests {
         assert!(!index.is_ready());
         index.reset::<EndpointSlice>(&[]);
         assert!(index.is_ready());
+        let key = ServiceKey::new("x", "y");
         let rx = index.subscribe("x", "y");
-        index.release("x", "y");
-        assert_eq!(index.0.read().namespaces.len(), 1, "still watched");
+        index.release(&key);
+        assert_eq!(
+            index.0.read().watches.keys(),
+            std::slice::from_ref(&key),
+            "still watched"
+        );
         drop(rx);
-        index.release("x", "y");
-        assert!(index.0.read().namespaces.is_empty());
+        index.release(&key);
+        assert!(index.0.read().watches.keys().is_empty());
     }
 
     #[test]

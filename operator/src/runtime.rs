@@ -35,7 +35,7 @@ use crate::index::{Indexed, SharedIndex};
 use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::reconcile::{self, Context};
-use sagamesh_discovery::server::{self as discovery, DiscoveryService, ViewSource};
+use sagamesh_discovery::server::{self as discovery, DiscoveryService, Source as _};
 use sagamesh_server::admin::{self, AdminState};
 
 /// Everything the operator needs to run.
