@@ -45,6 +45,9 @@ CONNS = 32
 STREAMS = 32
 
 SIDECAR = os.environ["SIDECAR_BIN"]
+# Another sidecar build (e.g. of an earlier commit) run beside the current one in the same
+# rounds, for a before/after comparison on the same noisy machine.
+BASELINE = os.environ.get("SIDECAR_BASELINE_BIN")
 BACKEND = os.environ["BACKEND_BIN"]
 ENVOY = os.environ.get("ENVOY_BIN", "envoy")
 HAPROXY = os.environ.get("HAPROXY_BIN", "haproxy")
@@ -63,6 +66,9 @@ TARGETS = {
     "haproxy": (14160, 14161, "haproxy"),
 }
 ORDER = ["direct", "sidecar", "envoy", "haproxy"]
+if BASELINE:
+    TARGETS["baseline"] = (14240, 14240, "baseline")
+RUN_ORDER = ORDER + (["baseline"] if BASELINE else [])
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 procs: list[subprocess.Popen] = []
@@ -249,7 +255,7 @@ def median(xs):
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sagamesh-bench-"))
     log(f"work directory {workdir}")
-    results: dict = {t: {} for t in ORDER}
+    results: dict = {t: {} for t in RUN_ORDER}
     idle_rss: dict = {}
     pids: dict = {}
     try:
@@ -263,6 +269,13 @@ def main() -> int:
              "--admin-addr", "127.0.0.1:14191", "--worker-threads", "1"],
             workdir,
         ).pid
+        if BASELINE:
+            pids["baseline"] = start(
+                "baseline",
+                [BASELINE, "--manifests", str(CFG / "sidecar.yaml"), "--outbound-addr", "127.0.0.1:14240",
+                 "--admin-addr", "127.0.0.1:14291", "--worker-threads", "1"],
+                workdir,
+            ).pid
         # RUST_LOG stays at the default (info): the sidecar logs nothing per request.
         pids["envoy"] = start(
             "envoy",
@@ -271,20 +284,21 @@ def main() -> int:
             workdir,
         ).pid
         pids["haproxy"] = start("haproxy", [HAPROXY, "-f", str(CFG / "haproxy.cfg"), "-db"], workdir).pid
-        for t in ("sidecar", "envoy", "haproxy"):
+        measured = ["sidecar", "envoy", "haproxy"] + (["baseline"] if BASELINE else [])
+        for t in measured:
             wait_ok(TARGETS[t][0], t)
         wait_ok(TARGETS["haproxy"][1], "haproxy h2")
         time.sleep(1)
-        for t in ("sidecar", "envoy", "haproxy"):
+        for t in measured:
             idle_rss[t] = rss_kib(pids[t])
         log(f"idle RSS KiB: {idle_rss}")
         # Warm-up: connections, pools, allocator arenas.
-        for t in ORDER:
+        for t in RUN_ORDER:
             port = TARGETS[t][0]
             run([WRK, "-t1", f"-c{CONNS}", "-d2s", "-H", "Host: bench", f"http://127.0.0.1:{port}/"], 30)
 
         for rnd in range(ROUNDS):
-            order = ORDER[rnd % len(ORDER):] + ORDER[: rnd % len(ORDER)]
+            order = RUN_ORDER[rnd % len(RUN_ORDER):] + RUN_ORDER[: rnd % len(RUN_ORDER)]
             for t in order:
                 h1_port, h2_port, key = TARGETS[t]
                 pid = pids.get(key) if key else None
@@ -394,14 +408,14 @@ def render(results: dict, idle_rss: dict) -> str:
         for kind in ("h2c", "grpc")
     )
     errors = []
-    for t in ORDER:
+    for t in RUN_ORDER:
         for kind in ("h1", "lat", "h2c", "grpc"):
             for i, x in enumerate(results[t].get(kind, [])):
                 bad = x.get("bad", 0) + x.get("not_ok", 0) + x.get("failed", 0)
                 if bad or x.get("socket_errors"):
                     errors.append(f"- {t} {kind} round {i + 1}: {bad} failed {x.get('socket_errors', '')}")
     per_round = []
-    for t in ORDER:
+    for t in RUN_ORDER:
         per_round.append(
             f"- {t}: h1 req/s "
             + ", ".join(fmt(x["rps"]) for x in results[t].get("h1", []))
@@ -412,6 +426,23 @@ def render(results: dict, idle_rss: dict) -> str:
             + "; gRPC req/s "
             + ", ".join(fmt(x["rps"]) for x in results[t].get("grpc", []))
         )
+    if BASELINE:
+        rows_b = []
+        pairs = [
+            ("HTTP/1.1 requests per proxy CPU-second", lambda t: per_cpu(t, "h1")),
+            ("h2c requests per proxy CPU-second", lambda t: per_cpu(t, "h2c")),
+            ("gRPC unary requests per proxy CPU-second", lambda t: per_cpu(t, "grpc")),
+            ("HTTP/1.1 max req/s", lambda t: med(t, "h1", "rps")),
+            (f"latency p99 at {RATE:,} req/s (ms)", lambda t: med(t, "lat", "p99")),
+            ("RSS idle (MiB)", lambda t: idle_rss.get(t, 0) / 1024),
+            ("RSS under load, peak (MiB)",
+             lambda t: max(x["rss"] for k in ("h1", "lat", "h2c", "grpc") for x in results[t].get(k, [])) / 1024),
+        ]
+        for name, f in pairs:
+            b, s = f("baseline"), f("sidecar")
+            rows_b.append(f"| {name} | {fmt(b, 3 if b and b < 100 else 0)} | {fmt(s, 3 if s and s < 100 else 0)} | {ratio(s, b, 3)} |")
+        rows += ["", f"Before/after (baseline: {BASELINE}), same rounds:", "",
+                 "| figure | baseline | sidecar | sidecar/baseline |", "| --- | ---: | ---: | ---: |", *rows_b]
     return "\n".join([
         head, *rows, "", "Per-request balancing over one h2c connection:", spreads, "",
         "Per round (to judge the noise):", *per_round, "",

@@ -5,6 +5,9 @@
 #   scripts/bench-proxy.sh            # run, print the table, write docs/benchmarks.md
 #   NO_DOC=1 scripts/bench-proxy.sh   # run and print only
 #   ROUNDS=5 DURATION=10 LAT_DURATION=20 H2_DURATION=5 RATE=2000 scripts/bench-proxy.sh
+#   SIDECAR_BASELINE_BIN=/path/to/older/sagamesh-sidecar NO_DOC=1 scripts/bench-proxy.sh
+#                                     # also runs that build in the same rounds and prints a
+#                                     # before/after table (requests per CPU-second, RSS, p99)
 #   BENCH_NICE=-10 scripts/bench-proxy.sh   # run everything (load generators, proxies,
 #                                           # backends alike) at a higher priority than other
 #                                           # work on a shared machine (needs root)
@@ -65,7 +68,9 @@ DOC_PATH="$ROOT/docs/benchmarks.md"
 # The whole run is bounded: it takes about ROUNDS × 4 × (DURATION + LAT_DURATION + 2×H2_DURATION
 # + a few seconds); the limit leaves ample room and then stops everything.
 ROUNDS="${ROUNDS:-3}" DURATION="${DURATION:-8}" LAT_DURATION="${LAT_DURATION:-10}" H2_DURATION="${H2_DURATION:-5}"
-limit=$(( ROUNDS * 4 * (DURATION + LAT_DURATION + 2 * H2_DURATION + 20) + 120 ))
+targets=4
+[ -n "${SIDECAR_BASELINE_BIN:-}" ] && targets=5
+limit=$(( ROUNDS * targets * (DURATION + LAT_DURATION + 2 * H2_DURATION + 20) + 120 ))
 
 SIDECAR_BIN="$SIDECAR_BUILT" \
 BACKEND_BIN="$CARGO_TARGET_DIR/release/sagamesh-bench-backend" \

@@ -5,8 +5,11 @@
 pub mod backoff;
 pub mod crdgen;
 pub mod duration;
+pub mod names;
 pub mod saga;
 pub mod service_registration;
+pub mod stable_hash;
+pub mod trace_context;
 
 pub use saga::{Saga, SagaSpec, SagaStatus};
 pub use service_registration::{

@@ -14,6 +14,7 @@ mod local_cmd;
 mod saga_cmd;
 mod style;
 
+use sagamesh_server::logging::{self, LogFormat};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -57,28 +58,11 @@ enum Command {
     ShopService(sagamesh_examples::Args),
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Sidecar(config) => {
-            init_logging(matches!(
-                config.log_format,
-                sagamesh_sidecar::config::LogFormat::Json
-            ));
+            logging::init(config.log_format);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(local_cmd::run_sidecar(*config))
         }
@@ -88,7 +72,11 @@ fn main() -> anyhow::Result<()> {
                 match command {
                     Command::Demo(args) => demo::run(args).await,
                     Command::Local(args) => {
-                        init_logging(args.log_json);
+                        logging::init(if args.log_json {
+                            LogFormat::Json
+                        } else {
+                            LogFormat::Text
+                        });
                         local_cmd::run(args).await
                     }
                     Command::Saga { command, state } => saga_cmd::run(command, &state),

@@ -6,6 +6,7 @@
 //!   ends terminal with no duplicated effect; a malformed manifest is reported with file, line
 //!   and field while the others keep working.
 
+use sagamesh_testing::free_port;
 use std::{
     io::{Read, Write},
     net::TcpStream,
@@ -44,13 +45,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {

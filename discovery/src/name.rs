@@ -1,6 +1,7 @@
 //! Destination names: how an authority (`orders`, `orders.shop`,
 //! `orders.shop.svc.cluster.local`, each with or without `:port`) maps to a service.
 
+use sagamesh_api::names::is_dns_label;
 use std::fmt;
 
 /// A service: namespace and name.
@@ -61,15 +62,6 @@ impl Target {
 )]
 pub struct NameError(pub String);
 
-fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// Parses an authority into a target. Case-insensitive; a trailing dot is allowed.
 pub fn parse_authority(
     authority: &str,
@@ -105,7 +97,7 @@ pub fn parse_authority(
         (Some(name), Some(ns), None) => (name, ns),
         _ => return Err(err()),
     };
-    if !is_label(name) || !is_label(namespace) {
+    if !is_dns_label(name) || !is_dns_label(namespace) {
         return Err(err());
     }
     Ok(Target {

@@ -6,6 +6,7 @@
 //! `tokio::sync::watch` channel, so a slow watcher only ever gets the latest state (coalesced)
 //! and never holds back the others, and no watcher causes an API call.
 
+use sagamesh_api::names::is_dns_label;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,17 +115,6 @@ impl<D: Source> DiscoveryService<D> {
     }
 }
 
-/// Kubernetes object names: a namespace is a DNS label (63), a service name too.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
 /// Keeps the watcher gauge right and tells the source when a watcher goes away.
 struct WatchGuard<D: Source> {
     source: Arc<D>,
@@ -150,7 +140,7 @@ impl<D: Source> pb::discovery_server::Discovery for DiscoveryService<D> {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let req = request.into_inner();
-        if !valid_name(&req.namespace) || !valid_name(&req.service) {
+        if !is_dns_label(&req.namespace) || !is_dns_label(&req.service) {
             return Err(Status::invalid_argument(
                 "namespace and service must be Kubernetes object names (DNS labels)",
             ));

@@ -3,6 +3,7 @@
 //! rules (`x-kubernetes-validations`, evaluated with kube-cel). Every problem is reported with
 //! file, line and field; one bad document never hides the good ones.
 
+use sagamesh_api::names::is_dns_label;
 use std::{
     fmt,
     path::{Path, PathBuf},
@@ -266,15 +267,6 @@ fn check_document(doc: &str) -> Result<Manifest, Vec<Problem>> {
         _ => serde_json::from_value(value).map(|s| Manifest::Saga(Box::new(s))),
     };
     typed.map_err(|e| vec![problem(doc, "", e.to_string())])
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// Rewrites the CRD's OpenAPI v3 schema as JSON Schema: `nullable` becomes a `null` type, and

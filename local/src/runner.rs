@@ -74,19 +74,10 @@ pub struct LocalControlPlane {
     fingerprint: Mutex<Option<Fingerprint>>,
 }
 
-/// FNV-1a, 64 bits: a stable hash of a saga's spec stored on disk (std's hasher may change
-/// between Rust releases, and a cryptographic hash would be a dependency for no gain here).
-fn stable_hash(bytes: &[u8]) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
-}
-
+/// The hash of a saga's spec stored on disk (FNV-1a: the same on every build).
 fn spec_hash(spec: &SagaSpec) -> String {
-    stable_hash(&serde_json::to_vec(spec).unwrap_or_default())
+    let hash = sagamesh_api::stable_hash::fnv1a(&serde_json::to_vec(spec).unwrap_or_default());
+    format!("{hash:016x}")
 }
 
 impl LocalControlPlane {

@@ -33,14 +33,11 @@ const RING_POINTS_PER_WEIGHT: u32 = 64;
 /// Bound on the ring size, whatever the weights.
 const MAX_RING_POINTS: usize = 64 * 1024;
 
-/// FNV-1a 64: stable across builds and platforms, so every sidecar maps a key the same way.
+/// FNV-1a 64 (stable across builds and platforms, so every sidecar maps a key the same way),
+/// then a finalizer so nearby keys spread over the ring.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    // Finalizer (from murmur3) so nearby keys spread over the ring.
+    let mut h = sagamesh_api::stable_hash::fnv1a(bytes);
+    // Finalizer from murmur3.
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51afd7ed558ccd);
     h ^= h >> 33;

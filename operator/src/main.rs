@@ -9,8 +9,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use sagamesh_injector::mutate::InjectConfig;
 use sagamesh_operator::leader::LeaseConfig;
 use sagamesh_operator::runtime::{self, Settings};
-use sagamesh_operator::telemetry::{self, LogFormat};
 use sagamesh_operator::webhook::{CertSource, WebhookSettings};
+use sagamesh_server::logging::{self, LogFormat};
 
 fn duration(s: &str) -> Result<Duration, String> {
     sagamesh_api::duration::parse(s).map_err(|e| e.to_string())
@@ -141,8 +141,13 @@ struct Args {
     sidecar_resources: String,
 
     /// Log format of the injected sidecar (json or plain).
-    #[arg(long, env = "SAGAMESH_SIDECAR_LOG_FORMAT", default_value = "json")]
-    sidecar_log_format: String,
+    #[arg(
+        long,
+        env = "SAGAMESH_SIDECAR_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    sidecar_log_format: LogFormat,
 
     /// Log filter of the injected sidecar.
     #[arg(long, env = "SAGAMESH_SIDECAR_LOG_LEVEL", default_value = "info")]
@@ -187,12 +192,7 @@ fn webhook_settings(args: &Args, namespace: &str) -> anyhow::Result<Option<Webho
             args.discovery_addr.port()
         )
     });
-    // The sidecar's log format is called plain where the chart says text.
-    let log_format = if args.sidecar_log_format == "text" {
-        "plain".to_string()
-    } else {
-        args.sidecar_log_format.clone()
-    };
+    let log_format = args.sidecar_log_format.as_str().to_string();
     Ok(Some(WebhookSettings {
         addr,
         configuration: args.webhook_configuration.clone(),
@@ -250,7 +250,7 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    telemetry::init(args.log_format);
+    logging::init(args.log_format);
     anyhow::ensure!(
         args.lease_renew_deadline < args.lease_duration,
         "--lease-renew-deadline must be shorter than --lease-duration"

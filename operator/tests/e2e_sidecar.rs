@@ -102,7 +102,7 @@ impl Drop for Backend {
 /// A port free on 127.0.0.1 to 127.0.0.5 at once (pods share their targetPort).
 async fn port_free_on_all(hosts: u8) -> anyhow::Result<u16> {
     for _ in 0..20 {
-        let port = free_port()?;
+        let port = free_port();
         let mut ok = true;
         for h in 1..=hosts {
             if std::net::TcpListener::bind((Ipv4Addr::new(127, 0, 0, h), port)).is_err() {
@@ -274,8 +274,8 @@ async fn sidecar_traffic_survives_scaling_and_an_operator_restart_with_zero_fail
     let bed2 = bed.clone();
     bed.with_namespace("op-e2e", move |client, ns| async move {
         let kubeconfig = operator_setup(&bed2, &client, &ns).await?;
-        let discovery = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let discovery = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let mut operator = Operator::start_on(&kubeconfig, &ns, "op-1", discovery, admin)?;
         operator.wait_ready().await?;
 

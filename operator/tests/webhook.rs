@@ -72,7 +72,7 @@ async fn the_operator_injects_the_native_sidecar_through_its_webhook() {
     bed.install_crds().await.expect("CRDs install");
     let kubeconfig = bed.kubeconfig.clone();
     bed.with_namespace("op-webhook", move |client, ns| async move {
-        let port = free_port()?;
+        let port = free_port();
         let configuration = format!("{ns}-injector");
         let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
         // As the chart installs it: no CA bundle yet; the operator writes it.
@@ -98,8 +98,8 @@ async fn the_operator_injects_the_native_sidecar_through_its_webhook() {
         let child = Command::new(env!("CARGO_BIN_EXE_sagamesh-operator"))
             .arg("--kubeconfig")
             .arg(&kubeconfig)
-            .args(["--discovery-addr", &format!("127.0.0.1:{}", free_port()?)])
-            .args(["--admin-addr", &format!("127.0.0.1:{}", free_port()?)])
+            .args(["--discovery-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--watch-namespace", &ns, "--lease-namespace", &ns, "--identity", "op-webhook"])
             .args(["--webhook-addr", &format!("127.0.0.1:{port}")])
             .args(["--webhook-configuration", &configuration, "--webhook-extra-san", "127.0.0.1"])

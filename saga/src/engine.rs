@@ -10,7 +10,7 @@
 use std::{future::Future, time::Duration};
 
 use k8s_openapi::jiff::Timestamp;
-use rand::Rng;
+use sagamesh_api::trace_context::{TRACEPARENT, TraceContext, hex_decode};
 use sagamesh_api::{
     backoff::{Backoff, Jitter},
     duration,
@@ -125,13 +125,6 @@ pub enum EngineError {
 /// The `Idempotency-Key` of a call: `<saga uid>/<step>/<action|compensation>`.
 pub fn idempotency_key(uid: &str, step: &str, call: Call) -> String {
     format!("{uid}/{step}/{}", call.kind())
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut rng = rand::rng();
-    (0..bytes)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect()
 }
 
 /// Checks what the CRD's rules cannot: every service is registered, every template refers to
@@ -270,7 +263,7 @@ impl<S: SagaStore, C: ServiceCaller> Runner<'_, S, C> {
                 Next::Start => {
                     let event = match validate(self.saga, self.spec, self.caller).await {
                         Ok(()) => Event::Started {
-                            trace_id: random_hex(16),
+                            trace_id: TraceContext::new_root().trace_id_hex(),
                         },
                         Err(reason) => Event::Invalid { reason },
                     };
@@ -344,15 +337,12 @@ impl<S: SagaStore, C: ServiceCaller> Runner<'_, S, C> {
             "Idempotency-Key".into(),
             idempotency_key(&self.saga.uid, &step.name, call),
         ));
-        let trace_id = self
-            .status
-            .trace_id
-            .clone()
-            .unwrap_or_else(|| random_hex(16));
-        headers.push((
-            "traceparent".into(),
-            format!("00-{trace_id}-{}-01", random_hex(8)),
-        ));
+        // One trace per saga (its id kept in the status), a new span per call.
+        let mut context = TraceContext::new_root();
+        if let Some(trace_id) = self.status.trace_id.as_deref().and_then(hex_decode::<16>) {
+            context.trace_id = trace_id;
+        }
+        headers.push((TRACEPARENT.into(), context.to_header()));
         let body = match &http.body {
             Some(body) => {
                 let rendered =

@@ -12,6 +12,7 @@
 //! Written by hand rather than on an embedded database: the access pattern is one small record
 //! per saga, appended and read back whole, which a file and fsync do with no dependency.
 
+use sagamesh_api::names::is_dns_subdomain;
 use std::{
     collections::HashMap,
     fs::{self, File, OpenOptions},
@@ -85,15 +86,6 @@ pub struct FileStore {
     specs: Arc<Mutex<HashMap<PathBuf, SpecEntry>>>,
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !name.starts_with('.')
-}
-
 impl FileStore {
     /// Opens (creating) the store in `dir`, and repairs the tail of every saga's log: a last
     /// line torn by a crash (no newline, or not a record) is cut off, so appends start clean.
@@ -112,7 +104,7 @@ impl FileStore {
 
     fn path(&self, namespace: &str, name: &str) -> Result<PathBuf, FileStoreError> {
         for part in [namespace, name] {
-            if !valid_name(part) {
+            if !is_dns_subdomain(part) {
                 return Err(FileStoreError::InvalidName(part.to_string()));
             }
         }
@@ -142,7 +134,7 @@ impl FileStore {
     ) -> Result<Record, FileStoreError> {
         let path = self.path(namespace, name)?;
         let record = Record {
-            uid: new_uid(),
+            uid: sagamesh_api::trace_context::random_uid(),
             spec_hash: spec_hash.to_string(),
             spec: spec.clone(),
             status: SagaStatus::default(),
@@ -234,7 +226,7 @@ fn logs(dir: &Path) -> Result<Vec<LogFile>, FileStoreError> {
     let mut out = Vec::new();
     for ns_entry in fs::read_dir(dir).map_err(io(dir))?.flatten() {
         let namespace = ns_entry.file_name().to_string_lossy().into_owned();
-        if !ns_entry.path().is_dir() || !valid_name(&namespace) {
+        if !ns_entry.path().is_dir() || !is_dns_subdomain(&namespace) {
             continue;
         }
         for entry in fs::read_dir(ns_entry.path())
@@ -304,20 +296,6 @@ fn read_last(path: &Path) -> Result<Option<Record>, FileStoreError> {
         }
     }
     Ok(last)
-}
-
-fn new_uid() -> String {
-    use rand::Rng;
-    let bytes: [u8; 16] = rand::rng().random();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
 }
 
 impl SagaStore for FileStore {

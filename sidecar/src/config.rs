@@ -5,6 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use sagamesh_mesh::ClientConfig;
+
+use crate::proxy::Limits;
+
 fn duration(s: &str) -> Result<Duration, String> {
     sagamesh_api::duration::parse(s).map_err(|e| e.to_string())
 }
@@ -18,12 +22,7 @@ fn ratio(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Log format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
+pub use sagamesh_server::logging::LogFormat;
 
 /// `sagamesh-sidecar` settings.
 #[derive(Clone, Debug, clap::Parser)]
@@ -79,15 +78,15 @@ pub struct Config {
     pub discovery_timeout: Duration,
 
     /// Largest request body buffered so the request can be retried; larger bodies are sent once.
-    #[arg(long, env = "SAGAMESH_MAX_RETRY_BODY_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "SAGAMESH_MAX_RETRY_BODY_BYTES", default_value_t = ClientConfig::default().max_retry_body_bytes)]
     pub max_retry_body_bytes: u64,
 
     /// Largest request body accepted (413 beyond).
-    #[arg(long, env = "SAGAMESH_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "SAGAMESH_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: u64,
 
     /// Largest request head accepted (HTTP/1 head, HTTP/2 header list).
-    #[arg(long, env = "SAGAMESH_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "SAGAMESH_MAX_HEADER_BYTES", default_value_t = Limits::default().max_header_bytes)]
     pub max_header_bytes: usize,
 
     /// Time a caller has from connecting to the end of its first request head (HTTP/1.1 and
@@ -97,7 +96,7 @@ pub struct Config {
     pub header_read_timeout: Duration,
 
     /// Most distinct destinations watched at once; further names get `unknown-service`.
-    #[arg(long, env = "SAGAMESH_MAX_DESTINATIONS", default_value_t = 1000)]
+    #[arg(long, env = "SAGAMESH_MAX_DESTINATIONS", default_value_t = ClientConfig::default().max_destinations)]
     pub max_destinations: usize,
 
     /// TCP connect timeout to endpoints.
@@ -128,7 +127,7 @@ pub struct Config {
     pub otel_service_name: String,
 
     /// Log format; the level comes from RUST_LOG (default info).
-    #[arg(long, env = "SAGAMESH_LOG_FORMAT", value_enum, default_value = "plain")]
+    #[arg(long, env = "SAGAMESH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
     /// Threads that serve traffic. 1: a single-threaded runtime (everything on one thread, as
@@ -139,8 +138,12 @@ pub struct Config {
 
 impl Config {
     /// Defaults for embedding and tests: every listener on 127.0.0.1 with an OS-chosen port.
+    /// The numbers are the libraries' own defaults (`ClientConfig::default()`,
+    /// `Limits::default()`), which the flags' defaults must equal (a test checks).
     pub fn local_test() -> Self {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let client = ClientConfig::default();
+        let limits = Limits::default();
         Config {
             outbound_addr: any,
             inbound_addr: any,
@@ -152,19 +155,19 @@ impl Config {
             namespace: "default".into(),
             cluster_domain: "cluster.local".into(),
             caller: "test".into(),
-            discovery_timeout: Duration::from_secs(3),
-            max_retry_body_bytes: 64 * 1024,
-            max_body_bytes: 16 * 1024 * 1024,
-            max_header_bytes: 64 * 1024,
-            header_read_timeout: Duration::from_secs(30),
-            max_destinations: 1000,
-            connect_timeout: Duration::from_secs(1),
+            discovery_timeout: client.discovery_timeout,
+            max_retry_body_bytes: client.max_retry_body_bytes,
+            max_body_bytes: limits.max_body_bytes,
+            max_header_bytes: limits.max_header_bytes,
+            header_read_timeout: limits.header_read_timeout,
+            max_destinations: client.max_destinations,
+            connect_timeout: client.connect_timeout,
             shutdown_grace: Duration::from_secs(5),
             no_jitter: true,
             otlp_endpoint: None,
             trace_sampling_ratio: 1.0,
             otel_service_name: "sagamesh-sidecar".into(),
-            log_format: LogFormat::Plain,
+            log_format: LogFormat::Text,
             worker_threads: None,
         }
     }
@@ -211,6 +214,37 @@ mod tests {
                 .is_err()
         );
         assert!(Config::try_parse_from(["x", "--shutdown-grace", "soon"]).is_err());
+    }
+
+    /// The flags' defaults and the libraries' defaults are one set of numbers.
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let flags = Config::try_parse_from(["x"]).expect("parse");
+        let library = Config::local_test();
+        assert_eq!(
+            (
+                flags.discovery_timeout,
+                flags.max_retry_body_bytes,
+                flags.max_body_bytes,
+                flags.max_header_bytes,
+                flags.header_read_timeout,
+                flags.max_destinations,
+                flags.connect_timeout,
+                flags.trace_sampling_ratio,
+                flags.log_format,
+            ),
+            (
+                library.discovery_timeout,
+                library.max_retry_body_bytes,
+                library.max_body_bytes,
+                library.max_header_bytes,
+                library.header_read_timeout,
+                library.max_destinations,
+                library.connect_timeout,
+                library.trace_sampling_ratio,
+                library.log_format,
+            )
+        );
     }
 
     #[test]

@@ -4,8 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use sagamesh_sidecar::Sidecar;
-use sagamesh_sidecar::config::{Config, LogFormat};
-use tracing_subscriber::EnvFilter;
+use sagamesh_sidecar::config::Config;
 
 // mimalloc instead of glibc's malloc: a proxied request makes some 20 small allocations
 // (hyper's buffers, headers, futures), and under callgrind glibc's malloc/free were about 16%
@@ -13,18 +12,9 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Plain => builder.init(),
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    init_logging(config.log_format);
+    sagamesh_server::logging::init(config.log_format);
     let runtime = config.runtime().context("starting the tokio runtime")?;
     runtime.block_on(run(config))
 }

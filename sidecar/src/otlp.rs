@@ -24,6 +24,7 @@ use sagamesh_api::backoff::{Backoff, Jitter};
 use tokio::sync::mpsc;
 
 use crate::trace::TraceContext;
+use sagamesh_api::trace_context::hex;
 
 /// Span kinds of OTLP.
 #[derive(Clone, Copy, Debug)]
@@ -123,10 +124,6 @@ impl Default for ExportConfig {
 pub struct OtlpExporter {
     tx: mpsc::Sender<SpanRecord>,
     dropped: Arc<AtomicU64>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn nanos(t: SystemTime) -> String {

@@ -202,6 +202,18 @@ impl TestBed {
     }
 }
 
+/// A free TCP port on 127.0.0.1 (bound, then released: fine for tests on one machine).
+pub fn free_port() -> u16 {
+    free_addr([127, 0, 0, 1]).port()
+}
+
+/// A free TCP address on `ip` (one of the 127.0.0.x loopback addresses), bound then released.
+pub fn free_addr(ip: [u8; 4]) -> std::net::SocketAddr {
+    std::net::TcpListener::bind(std::net::SocketAddr::from((ip, 0)))
+        .and_then(|l| l.local_addr())
+        .expect("a free port on loopback")
+}
+
 /// Polls `check` every 50ms until it returns `Some`, or fails after `timeout` with `what`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
 where

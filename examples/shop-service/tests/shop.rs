@@ -1,6 +1,7 @@
 //! The example services as real processes: idempotent effects, declines, shared state between
 //! two instances.
 
+use sagamesh_testing::free_port;
 use std::{
     net::TcpListener,
     process::{Child, Command},
@@ -19,13 +20,6 @@ impl Drop for Instance {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn start(role: &str, extra: &[&str]) -> Instance {

@@ -178,12 +178,7 @@ pub async fn operator_kubeconfig(
     Ok(path)
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; fine for tests on one machine).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
-}
+pub use sagamesh_testing::free_port;
 
 /// Lease timings `[duration, renew deadline, retry period]` for failover tests: a SIGKILLed
 /// leader is replaced about 3s later.
@@ -204,8 +199,8 @@ impl Operator {
     /// Starts the operator as the ServiceAccount of `kubeconfig`, watching only `ns` and electing
     /// on a Lease in `ns`, with a short lease so tests see handovers quickly.
     pub fn start(kubeconfig: &Path, ns: &str, identity: &str) -> anyhow::Result<Self> {
-        let discovery = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let discovery = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         Self::start_on(kubeconfig, ns, identity, discovery, admin)
     }
 
@@ -223,8 +218,8 @@ impl Operator {
     /// Like [`Operator::start`] with the production lease timings: no test that does not
     /// exercise failover loses leadership to a slow API server on a busy machine.
     pub fn start_steady(kubeconfig: &Path, ns: &str, identity: &str) -> anyhow::Result<Self> {
-        let discovery = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let discovery = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         Self::start_custom(kubeconfig, ns, identity, discovery, admin, STEADY_LEASE)
     }
 
@@ -388,8 +383,7 @@ pub async fn create_pod(
         },
         "spec": { "containers": [{ "name": "app", "image": "registry.invalid/app:1" }] },
     }))?;
-    Api::<Pod>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &pod)
+    sagamesh_testing::create_pod(client, ns, &pod)
         .await
         .with_context(|| format!("creating pod {name}"))?;
     Ok(())

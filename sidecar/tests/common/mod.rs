@@ -39,8 +39,7 @@ fn runtime() -> Runtime {
 
 /// A free port on `ip` (bound, then released).
 pub fn free_port(ip: [u8; 4]) -> SocketAddr {
-    let l = std::net::TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind");
-    l.local_addr().expect("addr")
+    sagamesh_testing::free_addr(ip)
 }
 
 fn bind_std(addr: SocketAddr) -> std::net::TcpListener {
@@ -326,14 +325,14 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let waited = sagamesh_testing::eventually(what, WAIT, || {
+        let check = f();
+        async move { check.await.then_some(()) }
+    })
+    .await;
+    if let Err(e) = waited {
+        panic!("{e}");
     }
-    panic!("timed out waiting for: {what}");
 }
 
 /// A shared mutable value for test servers.
