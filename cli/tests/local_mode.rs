@@ -6,7 +6,6 @@
 //!   ends terminal with no duplicated effect; a malformed manifest is reported with file, line
 //!   and field while the others keep working.
 
-use sagamesh_testing::free_port;
 use std::{
     io::{Read, Write},
     net::TcpStream,
@@ -14,6 +13,8 @@ use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use sagamesh_testing::free_port;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sagamesh");
 

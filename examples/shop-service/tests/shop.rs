@@ -1,13 +1,12 @@
 //! The example services as real processes: idempotent effects, declines, shared state between
 //! two instances.
 
-use sagamesh_testing::free_port;
 use std::{
-    net::TcpListener,
     process::{Child, Command},
     time::Duration,
 };
 
+use sagamesh_testing::free_port;
 use serde_json::{Value, json};
 
 struct Instance {
