@@ -14,58 +14,66 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::proto as pb;
-use sagamesh_api::ServiceRegistration;
+use sagamesh_manifest::Manifest;
 use tokio::sync::watch;
 
 use crate::name::ServiceKey;
 use crate::{Discover, Resolution, Watches};
 
-/// Why one manifest document was not used.
+/// Why a manifest file was not used.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("cannot read: {0}")]
     Read(#[from] std::io::Error),
-    #[error("invalid YAML: {0}")]
-    Yaml(String),
-    #[error("document {index}: {message}")]
-    Document { index: usize, message: String },
+    /// What the one manifest loader (`sagamesh-manifest`, as `sagamesh local`) refused: each
+    /// problem with its file, line and field.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<sagamesh_manifest::ManifestError>),
+    /// A valid registration a sidecar cannot serve from files.
+    #[error("{file}:{line}: {message}")]
+    Unservable {
+        file: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
-/// Parses the ServiceRegistrations of one file into snapshots. Errors name the document.
+/// Parses the ServiceRegistrations of one file into snapshots, checked as `sagamesh local` and
+/// the API server check them; Sagas in the file are checked too, then ignored. Any problem
+/// refuses the whole file (its last good content stays in use).
 pub fn parse_manifests(
+    file: &Path,
     text: &str,
     default_namespace: &str,
 ) -> Result<Vec<(ServiceKey, pb::Snapshot)>, ManifestError> {
-    let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+    let loaded = sagamesh_manifest::load_str(file, text);
+    if !loaded.errors.is_empty() {
+        return Err(ManifestError::Invalid(loaded.errors));
+    }
     let mut out = Vec::new();
-    for (index, doc) in docs.into_iter().enumerate() {
-        let err = |message: String| ManifestError::Document { index, message };
-        if doc.is_null() {
+    for located in loaded.manifests {
+        let Manifest::ServiceRegistration(reg) = located.manifest else {
             continue;
-        }
-        if doc.get("kind").and_then(|k| k.as_str()) != Some("ServiceRegistration") {
-            continue;
-        }
-        let reg: ServiceRegistration =
-            serde_json::from_value(doc).map_err(|e| err(e.to_string()))?;
-        let name = reg
-            .metadata
-            .name
-            .clone()
-            .ok_or_else(|| err("metadata.name is missing".into()))?;
+        };
+        let unservable = |message: String| ManifestError::Unservable {
+            file: located.file.clone(),
+            line: located.line,
+            message,
+        };
+        // The loader checked the name (a DNS label).
+        let name = reg.metadata.name.clone().unwrap_or_default();
         let namespace = reg
             .metadata
             .namespace
             .clone()
             .unwrap_or_else(|| default_namespace.to_string());
         if reg.spec.endpoints.is_none() {
-            return Err(err(format!(
+            return Err(unservable(format!(
                 "{name}: only spec.endpoints can be served from files (spec.selector needs the cluster)"
             )));
         }
         let snapshot = pb::snapshot_from_spec(&namespace, &name, &reg.spec)
-            .map_err(|e| err(format!("{name}: {e}")))?;
+            .map_err(|e| unservable(format!("{name}: {e}")))?;
         out.push((ServiceKey::new(namespace, name), snapshot));
     }
     Ok(out)
@@ -182,7 +190,7 @@ impl FileDiscovery {
         for file in &files {
             let parsed = std::fs::read_to_string(file)
                 .map_err(ManifestError::from)
-                .and_then(|text| parse_manifests(&text, &self.default_namespace));
+                .and_then(|text| parse_manifests(file, &text, &self.default_namespace));
             match parsed {
                 Ok(services) => {
                     state.files.insert(file.clone(), services);
@@ -287,7 +295,9 @@ spec:
 apiVersion: sagamesh.io/v1alpha1
 kind: Saga
 metadata: {name: ignored}
-spec: {}
+spec:
+  steps:
+    - {name: create, action: {service: orders, path: /orders}}
 ---
 apiVersion: sagamesh.io/v1alpha1
 kind: ServiceRegistration
@@ -297,24 +307,52 @@ spec:
   ports: [{name: grpc, port: 90, protocol: GRPC}]
 "#;
 
+    fn parse(text: &str) -> Result<Vec<(ServiceKey, pb::Snapshot)>, ManifestError> {
+        parse_manifests(Path::new("m.yaml"), text, "default")
+    }
+
     #[test]
     fn parses_multi_document_files() {
-        let out = parse_manifests(GOOD, "default").expect("parse");
+        let out = parse(GOOD).expect("parse");
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].0, ServiceKey::new("shop", "orders"));
         assert_eq!(out[0].1.endpoints[0].weight, 2);
         assert_eq!(out[1].0, ServiceKey::new("default", "payments"));
     }
 
+    /// What `sagamesh local` refuses, the sidecar refuses, with the same file, line and field.
     #[test]
-    fn errors_name_the_document() {
-        let bad = "kind: ServiceRegistration\nmetadata: {name: x}\nspec: {ports: 5}\n";
-        let e = parse_manifests(bad, "default").expect_err("bad");
-        assert!(e.to_string().starts_with("document 0"), "{e}");
-        let e = parse_manifests("a: [", "default").expect_err("bad yaml");
-        assert!(matches!(e, ManifestError::Yaml(_)));
-        let selector = "kind: ServiceRegistration\nmetadata: {name: x}\nspec: {selector: {app: x}, ports: [{name: http, port: 80}]}\n";
-        let e = parse_manifests(selector, "default").expect_err("selector");
+    fn refuses_what_local_mode_refuses_naming_file_line_and_field() {
+        let bad_port = GOOD.replace("port: 8080, weight: 2", "port: 99999, weight: 2");
+        let e = parse(&bad_port).expect_err("port out of range");
+        assert!(
+            e.to_string()
+                .starts_with("m.yaml:7: spec.endpoints[0].port: "),
+            "{e}"
+        );
+        let loaded = sagamesh_manifest::load_str(Path::new("m.yaml"), &bad_port);
+        assert_eq!(e.to_string(), loaded.errors[0].to_string());
+
+        // No apiVersion: the API server would not take it either.
+        let e = parse("kind: ServiceRegistration\nmetadata: {name: x}\nspec: {ports: 5}\n")
+            .expect_err("bad");
+        assert!(e.to_string().contains("apiVersion"), "{e}");
+        // An invalid Saga refuses the file too, though the sidecar does not use Sagas.
+        let bad_saga = GOOD.replace("path: /orders", "path: orders");
+        let e = parse(&bad_saga).expect_err("bad saga");
+        assert!(e.to_string().contains("spec.steps[0].action.path"), "{e}");
+        let e = parse("a: [").expect_err("bad yaml");
+        assert!(e.to_string().contains("invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn selector_registrations_cannot_be_served_from_files() {
+        let selector = "apiVersion: sagamesh.io/v1alpha1\nkind: ServiceRegistration\nmetadata: {name: x}\nspec: {selector: {app: x}, ports: [{name: http, port: 80}]}\n";
+        let e = parse(selector).expect_err("selector");
+        assert!(
+            matches!(e, ManifestError::Unservable { line: 1, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("spec.endpoints"), "{e}");
     }
 }

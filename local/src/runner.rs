@@ -27,7 +27,7 @@ use sagamesh_saga::{
 use sagamesh_saga_mesh::MeshCaller;
 use tokio::task::JoinHandle;
 
-use crate::manifest::{Located, Manifest, ManifestError, load_dir};
+use sagamesh_manifest::{Located, Manifest, ManifestError, load_dir};
 
 /// Settings of the local control plane.
 #[derive(Clone, Debug)]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use sagamesh_local::manifest::load_str;
+use sagamesh_manifest::load_str;
 use sagamesh_testing::fixtures::{
     full_registration_with_endpoints, full_registration_with_selector, full_saga,
     invalid_registrations, invalid_sagas,
@@ -55,7 +55,7 @@ fn every_invalid_fixture_is_refused_naming_the_field() {
 #[test]
 fn the_local_examples_are_valid() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/local");
-    let loaded = sagamesh_local::manifest::load_dir(&dir);
+    let loaded = sagamesh_manifest::load_dir(&dir);
     assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
     assert_eq!(loaded.manifests.len(), 4, "three registrations and a saga");
 }

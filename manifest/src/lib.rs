@@ -1,17 +1,26 @@
 //! ServiceRegistration and Saga manifests read from files, checked the way the API server checks
 //! them: the CRD's OpenAPI schema (types, patterns, ranges, enums, required fields) and its CEL
 //! rules (`x-kubernetes-validations`, evaluated with kube-cel). Every problem is reported with
-//! file, line and field; one bad document never hides the good ones.
+//! file, line and field — the line from the YAML parser's own positions ([`yaml`]); one bad
+//! document never hides the good ones before it (a YAML syntax error ends its file there).
+//!
+//! The one manifest loader: `sagamesh local` and the sidecar's `--manifests` both read files
+//! through it, so a file one accepts the other accepts too.
 
-use sagamesh_api::names::is_dns_label;
+mod yaml;
+
 use std::{
     fmt,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use kube::CustomResourceExt;
+use sagamesh_api::names::is_dns_label;
 use sagamesh_api::{Saga, ServiceRegistration};
 use serde_json::Value;
+
+use crate::yaml::Document;
 
 /// One problem in one manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,87 +124,110 @@ pub fn load_dir(dir: &Path) -> Loaded {
     loaded
 }
 
-/// Splits a YAML stream into documents: `(first line, text)`.
-fn documents(text: &str) -> Vec<(usize, String)> {
-    let mut docs = Vec::new();
-    let mut current = String::new();
-    let mut start = 1;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim_end() == "---" || line.starts_with("--- ") {
-            docs.push((start, std::mem::take(&mut current)));
-            start = i + 2;
-            continue;
-        }
-        current.push_str(line);
-        current.push('\n');
+/// Reads one file or every `*.yaml` / `*.yml` file of a directory.
+pub fn load_path(path: &Path) -> Loaded {
+    if path.is_dir() {
+        return load_dir(path);
     }
-    docs.push((start, current));
-    docs.into_iter()
-        .filter(|(_, d)| {
-            d.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-        })
-        .collect()
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_str(path, &text),
+        Err(e) => Loaded {
+            manifests: Vec::new(),
+            errors: vec![ManifestError {
+                file: path.to_path_buf(),
+                line: 0,
+                field: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
+        },
+    }
 }
 
 /// Parses and checks every document of one file's text.
 pub fn load_str(file: &Path, text: &str) -> Loaded {
     let mut loaded = Loaded::default();
-    for (start, doc) in documents(text) {
+    let error = |line: usize, field: String, message: String| ManifestError {
+        file: file.to_path_buf(),
+        line,
+        field,
+        message,
+    };
+    for doc in yaml::documents(text) {
+        let doc = match doc {
+            Ok(doc) => doc,
+            Err(e) => {
+                loaded.errors.push(error(
+                    e.line.unwrap_or(0),
+                    String::new(),
+                    format!("invalid YAML: {}", e.message),
+                ));
+                continue;
+            }
+        };
         match check_document(&doc) {
             Ok(manifest) => loaded.manifests.push(Located {
                 file: file.to_path_buf(),
-                line: start,
+                line: doc.line,
                 manifest,
             }),
-            Err(problems) => loaded
-                .errors
-                .extend(problems.into_iter().map(|p| ManifestError {
-                    file: file.to_path_buf(),
-                    line: start + p.line_in_doc.unwrap_or(0),
-                    field: p.field,
-                    message: p.message,
-                })),
+            Err(problems) => loaded.errors.extend(
+                problems
+                    .into_iter()
+                    .map(|p| error(doc.line_of(&p.field), p.field, p.message)),
+            ),
         }
     }
     loaded
 }
 
 struct Problem {
-    /// 0-based line within the document.
-    line_in_doc: Option<usize>,
     field: String,
     message: String,
 }
 
-fn problem(doc: &str, field: &str, message: impl Into<String>) -> Problem {
+fn problem(field: &str, message: impl Into<String>) -> Problem {
     Problem {
-        line_in_doc: find_line(doc, field),
-        field: field.to_string(),
+        field: field.trim_start_matches('.').to_string(),
         message: message.into(),
     }
 }
 
-fn check_document(doc: &str) -> Result<Manifest, Vec<Problem>> {
-    let value: Value = serde_saphyr::from_str(doc).map_err(|e| {
-        let line = e.location().map(|l| (l.line() as usize).saturating_sub(1));
-        let message = e
-            .to_string()
-            .lines()
-            .next()
-            .unwrap_or("invalid YAML")
-            .to_string();
-        vec![Problem {
-            line_in_doc: line,
-            field: String::new(),
-            message: format!("invalid YAML: {message}"),
-        }]
-    })?;
+/// A kind's OpenAPI schema and its JSON Schema validator, compiled once per process.
+struct Schema {
+    openapi: Value,
+    validator: Result<jsonschema::Validator, String>,
+}
+
+fn schema_of(kind: &str) -> Option<&'static Schema> {
+    static REGISTRATION: OnceLock<Schema> = OnceLock::new();
+    static SAGA: OnceLock<Schema> = OnceLock::new();
+    type Crd = k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let (cell, crd): (_, fn() -> Crd) = match kind {
+        "ServiceRegistration" => (&REGISTRATION, ServiceRegistration::crd),
+        "Saga" => (&SAGA, Saga::crd),
+        _ => return None,
+    };
+    Some(cell.get_or_init(|| {
+        let openapi = crd()
+            .spec
+            .versions
+            .first()
+            .and_then(|v| v.schema.as_ref())
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .and_then(|s| serde_json::to_value(s).ok())
+            .unwrap_or(Value::Null);
+        let validator = jsonschema::validator_for(&to_json_schema(&openapi))
+            .map_err(|e| format!("internal error compiling the CRD schema: {e}"));
+        Schema { openapi, validator }
+    }))
+}
+
+fn check_document(doc: &Document) -> Result<Manifest, Vec<Problem>> {
+    let value = doc.value.clone();
     let api_version = value["apiVersion"].as_str().unwrap_or_default();
     let kind = value["kind"].as_str().unwrap_or_default();
     if api_version != "sagamesh.io/v1alpha1" {
         return Err(vec![problem(
-            doc,
             "apiVersion",
             format!(
                 "expected sagamesh.io/v1alpha1, got {:?}",
@@ -203,16 +235,11 @@ fn check_document(doc: &str) -> Result<Manifest, Vec<Problem>> {
             ),
         )]);
     }
-    let crd = match kind {
-        "ServiceRegistration" => ServiceRegistration::crd(),
-        "Saga" => Saga::crd(),
-        other => {
-            return Err(vec![problem(
-                doc,
-                "kind",
-                format!("expected ServiceRegistration or Saga, got {other:?}"),
-            )]);
-        }
+    let Some(schema) = schema_of(kind) else {
+        return Err(vec![problem(
+            "kind",
+            format!("expected ServiceRegistration or Saga, got {kind:?}"),
+        )]);
     };
     let mut problems = Vec::new();
     for (field, value) in [
@@ -226,34 +253,20 @@ fn check_document(doc: &str) -> Result<Manifest, Vec<Problem>> {
         };
         if !ok {
             problems.push(problem(
-                doc,
                 field,
                 "must be a DNS label (lowercase letters, digits and '-', at most 63)",
             ));
         }
     }
-    let schema = crd
-        .spec
-        .versions
-        .first()
-        .and_then(|v| v.schema.as_ref())
-        .and_then(|s| s.open_api_v3_schema.as_ref());
-    let schema = match schema.map(serde_json::to_value) {
-        Some(Ok(schema)) => schema,
-        _ => {
-            return Err(vec![problem(
-                doc,
-                "",
-                "internal error: the CRD has no schema",
-            )]);
-        }
-    };
-    problems.extend(schema_problems(doc, &schema, &value));
+    if schema.openapi.is_null() {
+        return Err(vec![problem("", "internal error: the CRD has no schema")]);
+    }
+    problems.extend(schema_problems(schema, &value));
     if problems.is_empty() {
         // CEL rules only run on a structurally valid object, as on the API server.
-        if let Err(errors) = kube_cel::Validator::new().validate(&schema, &value, None) {
+        if let Err(errors) = kube_cel::Validator::new().validate(&schema.openapi, &value, None) {
             for error in errors.into_vec() {
-                problems.push(problem(doc, &error.field_path, error.message));
+                problems.push(problem(&error.field_path, error.message));
             }
         }
     }
@@ -266,7 +279,7 @@ fn check_document(doc: &str) -> Result<Manifest, Vec<Problem>> {
         }
         _ => serde_json::from_value(value).map(|s| Manifest::Saga(Box::new(s))),
     };
-    typed.map_err(|e| vec![problem(doc, "", e.to_string())])
+    typed.map_err(|e| vec![problem("", e.to_string())])
 }
 
 /// Rewrites the CRD's OpenAPI v3 schema as JSON Schema: `nullable` becomes a `null` type, and
@@ -304,17 +317,10 @@ fn to_json_schema(node: &Value) -> Value {
     }
 }
 
-fn schema_problems(doc: &str, schema: &Value, value: &Value) -> Vec<Problem> {
-    let json_schema = to_json_schema(schema);
-    let validator = match jsonschema::validator_for(&json_schema) {
+fn schema_problems(schema: &Schema, value: &Value) -> Vec<Problem> {
+    let validator = match &schema.validator {
         Ok(v) => v,
-        Err(e) => {
-            return vec![problem(
-                doc,
-                "",
-                format!("internal error compiling the CRD schema: {e}"),
-            )];
-        }
+        Err(e) => return vec![problem("", e.clone())],
     };
     let mut problems: Vec<Problem> = validator
         .iter_errors(value)
@@ -328,24 +334,18 @@ fn schema_problems(doc: &str, schema: &Value, value: &Value) -> Vec<Problem> {
                 } else {
                     format!("{field}.{name}")
                 };
-                return problem(doc, &field, "Required value");
+                return problem(&field, "Required value");
             }
-            problem(doc, &field, error.to_string())
+            problem(&field, error.to_string())
         })
         .collect();
-    duplicate_keys(doc, schema, value, String::new(), &mut problems);
+    duplicate_keys(&schema.openapi, value, String::new(), &mut problems);
     problems
 }
 
 /// `x-kubernetes-list-type: map` lists: the items' keys must be unique (JSON Schema has no word
 /// for this).
-fn duplicate_keys(
-    doc: &str,
-    schema: &Value,
-    value: &Value,
-    path: String,
-    problems: &mut Vec<Problem>,
-) {
+fn duplicate_keys(schema: &Value, value: &Value, path: String, problems: &mut Vec<Problem>) {
     match value {
         Value::Object(map) => {
             for (key, child) in map {
@@ -355,7 +355,7 @@ fn duplicate_keys(
                     } else {
                         format!("{path}.{key}")
                     };
-                    duplicate_keys(doc, child_schema, child, child_path, problems);
+                    duplicate_keys(child_schema, child, child_path, problems);
                 }
             }
         }
@@ -370,7 +370,6 @@ fn duplicate_keys(
                     let key: Vec<String> = keys.iter().map(|k| item[*k].to_string()).collect();
                     if !seen.insert(key.clone()) {
                         problems.push(problem(
-                            doc,
                             &format!("{path}[{i}]"),
                             format!("Duplicate value: {}", key.join(", ")),
                         ));
@@ -378,13 +377,7 @@ fn duplicate_keys(
                 }
             }
             for (i, item) in items.iter().enumerate() {
-                duplicate_keys(
-                    doc,
-                    &schema["items"],
-                    item,
-                    format!("{path}[{i}]"),
-                    problems,
-                );
+                duplicate_keys(&schema["items"], item, format!("{path}[{i}]"), problems);
             }
         }
         _ => {}
@@ -406,106 +399,6 @@ fn pointer_to_field(pointer: &str) -> String {
         }
     }
     field
-}
-
-enum Segment {
-    Key(String),
-    Index(usize),
-}
-
-/// Finds the 0-based line of a field (`spec.steps[1].action.path`) in block-style YAML by
-/// walking keys and list items by indentation. Best effort: flow-style YAML (`{a: 1}`) falls
-/// back to the deepest key found.
-fn find_line(doc: &str, field: &str) -> Option<usize> {
-    let mut segments = Vec::new();
-    for part in field
-        .trim_start_matches('.')
-        .split('.')
-        .filter(|p| !p.is_empty())
-    {
-        let (key, rest) = part
-            .split_once('[')
-            .map(|(k, r)| (k, Some(r)))
-            .unwrap_or((part, None));
-        if !key.is_empty() {
-            segments.push(Segment::Key(key.to_string()));
-        }
-        for index in rest.into_iter().flat_map(|r| r.split('[')) {
-            if let Ok(i) = index.trim_end_matches(']').parse::<usize>() {
-                segments.push(Segment::Index(i));
-            }
-        }
-    }
-    let lines: Vec<&str> = doc.lines().collect();
-    let indent = |l: &str| l.len() - l.trim_start().len();
-    let (mut from, mut to, mut min_indent) = (0usize, lines.len(), 0usize);
-    let mut found = None;
-    for segment in segments {
-        let mut hit = None;
-        match &segment {
-            Segment::Key(key) => {
-                for (i, line) in lines.iter().enumerate().take(to).skip(from) {
-                    let trimmed = line.trim_start().trim_start_matches("- ");
-                    if indent(line) >= min_indent
-                        && (trimmed.starts_with(&format!("{key}:"))
-                            || trimmed.starts_with(&format!("\"{key}\":")))
-                    {
-                        hit = Some(i);
-                        break;
-                    }
-                }
-            }
-            Segment::Index(index) => {
-                let mut seen = 0;
-                let mut item_indent = None;
-                for (i, line) in lines.iter().enumerate().take(to).skip(from) {
-                    let trimmed = line.trim_start();
-                    if trimmed.starts_with("- ") || trimmed == "-" {
-                        let this = indent(line);
-                        if item_indent.is_none_or(|ii| this == ii) {
-                            item_indent = Some(this);
-                            if seen == *index {
-                                hit = Some(i);
-                                break;
-                            }
-                            seen += 1;
-                        }
-                    }
-                }
-            }
-        }
-        let Some(line) = hit else { break };
-        found = Some(line);
-        // The value of this key / item: the following lines indented deeper (and, for a list
-        // item, its own line).
-        let own = indent(lines[line])
-            + if matches!(segment, Segment::Index(_)) {
-                2
-            } else {
-                0
-            };
-        from = if matches!(segment, Segment::Index(_)) {
-            line
-        } else {
-            line + 1
-        };
-        let end = lines
-            .iter()
-            .enumerate()
-            .skip(line + 1)
-            .find(|(_, l)| {
-                !l.trim().is_empty()
-                    && indent(l) <= indent(lines[line])
-                    && !(matches!(segment, Segment::Key(_))
-                        && l.trim_start().starts_with("- ")
-                        && indent(l) == indent(lines[line]))
-            })
-            .map(|(i, _)| i)
-            .unwrap_or(lines.len());
-        to = end;
-        min_indent = own.min(indent(lines[line]) + 1);
-    }
-    found
 }
 
 #[cfg(test)]
