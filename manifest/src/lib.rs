@@ -10,9 +10,9 @@
 mod yaml;
 
 use std::{
+    cell::OnceCell,
     fmt,
     path::{Path, PathBuf},
-    sync::OnceLock,
 };
 
 use kube::CustomResourceExt;
@@ -86,6 +86,7 @@ pub struct Loaded {
 /// Reads every `*.yaml` / `*.yml` file of `dir` (not recursive), in name order.
 pub fn load_dir(dir: &Path) -> Loaded {
     let mut loaded = Loaded::default();
+    let schemas = Schemas::default();
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .flatten()
@@ -109,7 +110,7 @@ pub fn load_dir(dir: &Path) -> Loaded {
     for file in files {
         match std::fs::read_to_string(&file) {
             Ok(text) => {
-                let one = load_str(&file, &text);
+                let one = load_with(&schemas, &file, &text);
                 loaded.manifests.extend(one.manifests);
                 loaded.errors.extend(one.errors);
             }
@@ -145,6 +146,10 @@ pub fn load_path(path: &Path) -> Loaded {
 
 /// Parses and checks every document of one file's text.
 pub fn load_str(file: &Path, text: &str) -> Loaded {
+    load_with(&Schemas::default(), file, text)
+}
+
+fn load_with(schemas: &Schemas, file: &Path, text: &str) -> Loaded {
     let mut loaded = Loaded::default();
     let error = |line: usize, field: String, message: String| ManifestError {
         file: file.to_path_buf(),
@@ -164,7 +169,7 @@ pub fn load_str(file: &Path, text: &str) -> Loaded {
                 continue;
             }
         };
-        match check_document(&doc) {
+        match check_document(schemas, &doc) {
             Ok(manifest) => loaded.manifests.push(Located {
                 file: file.to_path_buf(),
                 line: doc.line,
@@ -192,37 +197,47 @@ fn problem(field: &str, message: impl Into<String>) -> Problem {
     }
 }
 
-/// A kind's OpenAPI schema and its JSON Schema validator, compiled once per process.
+/// A kind's OpenAPI schema and its JSON Schema validator.
 struct Schema {
     openapi: Value,
     validator: Result<jsonschema::Validator, String>,
 }
 
-fn schema_of(kind: &str) -> Option<&'static Schema> {
-    static REGISTRATION: OnceLock<Schema> = OnceLock::new();
-    static SAGA: OnceLock<Schema> = OnceLock::new();
-    type Crd = k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    let (cell, crd): (_, fn() -> Crd) = match kind {
-        "ServiceRegistration" => (&REGISTRATION, ServiceRegistration::crd),
-        "Saga" => (&SAGA, Saga::crd),
-        _ => return None,
-    };
-    Some(cell.get_or_init(|| {
-        let openapi = crd()
-            .spec
-            .versions
-            .first()
-            .and_then(|v| v.schema.as_ref())
-            .and_then(|s| s.open_api_v3_schema.as_ref())
-            .and_then(|s| serde_json::to_value(s).ok())
-            .unwrap_or(Value::Null);
-        let validator = jsonschema::validator_for(&to_json_schema(&openapi))
-            .map_err(|e| format!("internal error compiling the CRD schema: {e}"));
-        Schema { openapi, validator }
-    }))
+/// The kinds' schemas, compiled on first use within one load (a directory's files share them)
+/// and dropped after it: a sidecar that reads its manifests keeps no validator between reloads
+/// (they are several MiB).
+#[derive(Default)]
+struct Schemas {
+    registration: OnceCell<Schema>,
+    saga: OnceCell<Schema>,
 }
 
-fn check_document(doc: &Document) -> Result<Manifest, Vec<Problem>> {
+impl Schemas {
+    fn of(&self, kind: &str) -> Option<&Schema> {
+        type Crd =
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let (cell, crd): (_, fn() -> Crd) = match kind {
+            "ServiceRegistration" => (&self.registration, ServiceRegistration::crd),
+            "Saga" => (&self.saga, Saga::crd),
+            _ => return None,
+        };
+        Some(cell.get_or_init(|| {
+            let openapi = crd()
+                .spec
+                .versions
+                .first()
+                .and_then(|v| v.schema.as_ref())
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .and_then(|s| serde_json::to_value(s).ok())
+                .unwrap_or(Value::Null);
+            let validator = jsonschema::validator_for(&to_json_schema(&openapi))
+                .map_err(|e| format!("internal error compiling the CRD schema: {e}"));
+            Schema { openapi, validator }
+        }))
+    }
+}
+
+fn check_document(schemas: &Schemas, doc: &Document) -> Result<Manifest, Vec<Problem>> {
     let value = doc.value.clone();
     let api_version = value["apiVersion"].as_str().unwrap_or_default();
     let kind = value["kind"].as_str().unwrap_or_default();
@@ -235,7 +250,7 @@ fn check_document(doc: &Document) -> Result<Manifest, Vec<Problem>> {
             ),
         )]);
     }
-    let Some(schema) = schema_of(kind) else {
+    let Some(schema) = schemas.of(kind) else {
         return Err(vec![problem(
             "kind",
             format!("expected ServiceRegistration or Saga, got {kind:?}"),
