@@ -1,6 +1,6 @@
 //! Where endpoints and policy come from, behind one trait: the control plane's gRPC stream
 //! ([`grpc::GrpcDiscovery`]), a file or directory of ServiceRegistration manifests
-//! ([`file::FileDiscovery`]), or a fixed in-memory table ([`StaticDiscovery`], for tests and
+//! (`file::FileDiscovery`, feature `files`), or a fixed in-memory table ([`StaticDiscovery`], for tests and
 //! embedding).
 //!
 //! Every source hands out one `watch::Receiver<Resolution>` per service: the receiver always
@@ -10,6 +10,7 @@
 //! [`proto`] is the discovery protocol itself (the generated gRPC code and its conversions from
 //! the ServiceRegistration types); [`server`] serves it over any [`server::Source`].
 
+#[cfg(feature = "files")]
 pub mod file;
 pub mod grpc;
 pub mod name;

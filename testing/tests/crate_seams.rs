@@ -62,6 +62,15 @@ fn the_data_plane_compiles_no_kubernetes_client() {
     }
 }
 
+/// The manifest validator (jsonschema, kube-cel) is for local mode and the sidecar's
+/// `--manifests` only: the mesh library, discovery's core and the control plane do without it.
+#[test]
+fn only_manifest_readers_compile_the_validator() {
+    for package in ["sagamesh-mesh", "sagamesh-discovery", "sagamesh-saga-mesh"] {
+        assert_absent(package, &["sagamesh-manifest", "kube-cel", "jsonschema"]);
+    }
+}
+
 #[test]
 fn the_saga_engine_knows_neither_the_mesh_nor_discovery_nor_kubernetes_nor_http() {
     assert_absent(
