@@ -263,19 +263,17 @@ def main() -> int:
             start(f"backend-{port}", [BACKEND, f"127.0.0.1:{port}"], workdir)
         for port in BACKENDS:
             wait_ok(port, "backend")
-        pids["sidecar"] = start(
-            "sidecar",
-            [SIDECAR, "--manifests", str(CFG / "sidecar.yaml"), "--outbound-addr", "127.0.0.1:14140",
-             "--admin-addr", "127.0.0.1:14191", "--worker-threads", "1"],
-            workdir,
-        ).pid
-        if BASELINE:
-            pids["baseline"] = start(
-                "baseline",
-                [BASELINE, "--manifests", str(CFG / "sidecar.yaml"), "--outbound-addr", "127.0.0.1:14240",
-                 "--admin-addr", "127.0.0.1:14291", "--worker-threads", "1"],
+        def start_sidecar(name: str, binary: str, port: int, admin_port: int) -> None:
+            pids[name] = start(
+                name,
+                [binary, "--manifests", str(CFG / "sidecar.yaml"), "--outbound-addr", f"127.0.0.1:{port}",
+                 "--admin-addr", f"127.0.0.1:{admin_port}", "--worker-threads", "1"],
                 workdir,
             ).pid
+
+        start_sidecar("sidecar", SIDECAR, TARGETS["sidecar"][0], 14191)
+        if BASELINE:
+            start_sidecar("baseline", BASELINE, TARGETS["baseline"][0], 14291)
         # RUST_LOG stays at the default (info): the sidecar logs nothing per request.
         pids["envoy"] = start(
             "envoy",

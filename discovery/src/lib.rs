@@ -208,14 +208,7 @@ impl Watches {
         let mut map = lock(&self.senders);
         match map.get(key) {
             Some(tx) => {
-                tx.send_if_modified(|cur| {
-                    if same_state(cur, &value) {
-                        false
-                    } else {
-                        *cur = value;
-                        true
-                    }
-                });
+                publish(tx, value);
             }
             None => {
                 let (tx, _) = watch::channel(value);
@@ -231,14 +224,7 @@ impl Watches {
         let Some(tx) = map.get(key) else {
             return false;
         };
-        tx.send_if_modified(|cur| {
-            if same_state(cur, &value) {
-                false
-            } else {
-                *cur = value;
-                true
-            }
-        });
+        publish(tx, value);
         true
     }
 
@@ -260,14 +246,7 @@ impl Watches {
         let map = lock(&self.senders);
         for (key, tx) in map.iter() {
             let value = f(key);
-            tx.send_if_modified(|cur| {
-                if same_state(cur, &value) {
-                    false
-                } else {
-                    *cur = value;
-                    true
-                }
-            });
+            publish(tx, value);
         }
     }
 
@@ -290,6 +269,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Sends `value` to a service's watchers unless it has the state they already hold.
+fn publish(tx: &watch::Sender<Resolution>, value: Resolution) {
+    tx.send_if_modified(|cur| {
+        if same_state(cur, &value) {
+            false
+        } else {
+            *cur = value;
+            true
+        }
+    });
 }
 
 /// Equal content, whatever the revision (a reload that changes nothing wakes nobody).
