@@ -14,7 +14,7 @@
 #
 # Environment:
 #   SAGAMESH_CACHE          cache root (default ~/.cache/sagamesh)
-#   SAGAMESH_SIDECAR_BIN    sidecar binary to test (default: cargo build's debug binary)
+#   SAGAMESH_SIDECAR_BIN    sidecar binary to test, sagamesh-manifest-check beside it (default: cargo build's debug binaries)
 #   SAGAMESH_H2SPEC_DIR     where logs and JUnit reports go (default <repo>/target/h2spec)
 set -euo pipefail
 
@@ -104,7 +104,8 @@ run() {
   done
   local sidecar="${SAGAMESH_SIDECAR_BIN:-}"
   if [[ -z "$sidecar" ]]; then
-    (cd "$REPO_ROOT" && cargo build --quiet -p sagamesh-sidecar --bin sagamesh-sidecar)
+    (cd "$REPO_ROOT" && cargo build --quiet -p sagamesh-sidecar --bin sagamesh-sidecar \
+      && cargo build --quiet -p sagamesh-manifest --bin sagamesh-manifest-check)
     sidecar="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/sagamesh-sidecar"
   fi
   [[ -x "$sidecar" ]] || die "no sidecar binary at $sidecar"

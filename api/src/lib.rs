@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod crdgen;
 pub mod duration;
+pub mod manifest_report;
 pub mod names;
 pub mod saga;
 pub mod service_registration;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use std::sync::Arc;
 
+use sagamesh_discovery::file::ManifestChecker;
 use sagamesh_discovery::server::{DiscoveryService, serve};
 use sagamesh_local::{
     discovery::LocalDiscovery,
@@ -120,9 +121,16 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a sidecar until SIGTERM or Ctrl-C, then drains.
+/// Runs a sidecar until SIGTERM or Ctrl-C, then drains. This binary links the manifest loader
+/// anyway (local mode), so `--manifests` is checked in-process unless `--manifest-checker` names
+/// a program.
 pub async fn run_sidecar(config: sagamesh_sidecar::Config) -> anyhow::Result<()> {
-    let sidecar = Sidecar::start(config)
+    let checker = match &config.manifest_checker {
+        Some(_) => sagamesh_sidecar::sidecar::manifest_checker(&config),
+        None => ManifestChecker::in_process(sagamesh_manifest::report::check_files),
+    };
+    let discover = Sidecar::discovery_from_config(&config, checker)?;
+    let sidecar = Sidecar::start_with(config, discover)
         .await
         .context("starting the sidecar")?;
     shutdown_signal().await;

@@ -1,34 +1,46 @@
 //! Discovery from ServiceRegistration manifests on disk: one YAML file, or every `*.yaml` /
 //! `*.yml` file of a directory (not recursive). Multi-document files are fine; documents of other
-//! kinds (e.g. `Saga`) are ignored. Only registrations with explicit `spec.endpoints` can be
-//! served without a cluster; a selector-based one is reported and skipped.
+//! kinds (e.g. `Saga`) are checked, then ignored. Only registrations with explicit
+//! `spec.endpoints` can be served without a cluster; a selector-based one refuses its file.
+//!
+//! The files are checked by a [`ManifestChecker`]: the one manifest loader (`sagamesh-manifest`,
+//! as `sagamesh local` and the API server check them). The sidecar runs it as a short-lived child
+//! process, `sagamesh-manifest-check --json FILE...`, so that the validator — CRD schemas, CEL,
+//! the YAML parser — is neither linked into the proxy nor resident between reloads (it would
+//! roughly double the sidecar's idle RSS; docs/benchmarks.md). Programs that link the loader
+//! anyway (`sagamesh sidecar`, tests) check in-process.
 //!
 //! The path is polled (modification times, sizes and the file list) every `interval`; a change
-//! reloads everything. A file that fails to parse is logged with its name and error and its last
-//! good content is kept; every other file keeps working.
+//! reloads everything. A file that fails its check is logged with its problems and its last good
+//! content is kept; every other file keeps working. When the checker itself fails (cannot start,
+//! crashes, times out), every file keeps its last good content.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::proto as pb;
-use sagamesh_manifest::Manifest;
+use sagamesh_api::manifest_report::FileReport;
 use tokio::sync::watch;
 
 use crate::name::ServiceKey;
 use crate::{Discover, Resolution, Watches};
 
+/// The checker program's name; the sidecar looks for it beside its own binary, then on `PATH`.
+pub const CHECKER_PROGRAM: &str = "sagamesh-manifest-check";
+/// How long one run of a checker program may take before it is killed.
+pub const CHECKER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Why a manifest file was not used.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("cannot read: {0}")]
-    Read(#[from] std::io::Error),
-    /// What the one manifest loader (`sagamesh-manifest`, as `sagamesh local`) refused: each
-    /// problem with its file, line and field.
-    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Invalid(Vec<sagamesh_manifest::ManifestError>),
+    /// What the manifest loader refused: each problem as `file:line: field: message`.
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
     /// A valid registration a sidecar cannot serve from files.
     #[error("{file}:{line}: {message}")]
     Unservable {
@@ -36,45 +48,171 @@ pub enum ManifestError {
         line: usize,
         message: String,
     },
+    #[error("{0}: missing from the manifest checker's report")]
+    NotReported(PathBuf),
 }
 
-/// Parses the ServiceRegistrations of one file into snapshots, checked as `sagamesh local` and
-/// the API server check them; Sagas in the file are checked too, then ignored. Any problem
-/// refuses the whole file (its last good content stays in use).
-pub fn parse_manifests(
-    file: &Path,
-    text: &str,
+/// Why the checker gave no reports.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckerError {
+    #[error(
+        "cannot run the manifest checker {program:?}: {source} (it ships with the sidecar as {CHECKER_PROGRAM}: `cargo build -p sagamesh-manifest`, then put it beside sagamesh-sidecar, on PATH, or name it with --manifest-checker)"
+    )]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the manifest checker {program:?} {status}: {stderr}")]
+    Failed {
+        program: PathBuf,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("the manifest checker {program:?} did not finish within {timeout:?} and was killed")]
+    Timeout { program: PathBuf, timeout: Duration },
+    #[error("the manifest checker {program:?} printed an unreadable report: {source}")]
+    Report {
+        program: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("waiting for the manifest checker {program:?}: {source}")]
+    Wait {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+type CheckFn = dyn Fn(&[PathBuf]) -> Result<Vec<FileReport>, CheckerError> + Send + Sync;
+
+/// Checks manifest files: one [`FileReport`] per file, in order.
+#[derive(Clone)]
+pub struct ManifestChecker(Arc<CheckFn>);
+
+impl ManifestChecker {
+    /// Runs `program --json FILE...` for every check and reads its JSON reports from stdout;
+    /// a run longer than `timeout` is killed.
+    pub fn command(program: impl Into<PathBuf>, timeout: Duration) -> Self {
+        let program = program.into();
+        ManifestChecker(Arc::new(move |files: &[PathBuf]| {
+            run_checker(&program, files, timeout)
+        }))
+    }
+
+    /// Checks in this process (for programs that link `sagamesh-manifest` anyway).
+    pub fn in_process(
+        check: impl Fn(&[PathBuf]) -> Vec<FileReport> + Send + Sync + 'static,
+    ) -> Self {
+        ManifestChecker(Arc::new(move |files: &[PathBuf]| Ok(check(files))))
+    }
+
+    pub fn check(&self, files: &[PathBuf]) -> Result<Vec<FileReport>, CheckerError> {
+        (self.0)(files)
+    }
+}
+
+fn run_checker(
+    program: &Path,
+    files: &[PathBuf],
+    timeout: Duration,
+) -> Result<Vec<FileReport>, CheckerError> {
+    let mut child = Command::new(program)
+        .arg("--json")
+        .arg("--")
+        .args(files)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| CheckerError::Spawn {
+            program: program.to_path_buf(),
+            source,
+        })?;
+    // Both pipes are drained while the child runs, or a large report would block it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CheckerError::Timeout {
+                    program: program.to_path_buf(),
+                    timeout,
+                });
+            }
+            Err(source) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CheckerError::Wait {
+                    program: program.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
+        return Err(CheckerError::Failed {
+            program: program.to_path_buf(),
+            status,
+            stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
+        });
+    }
+    serde_json::from_slice(&stdout).map_err(|source| CheckerError::Report {
+        program: program.to_path_buf(),
+        source,
+    })
+}
+
+/// Turns one file's report into snapshots; any problem, or a registration without
+/// `spec.endpoints`, refuses the whole file.
+pub fn snapshots_of(
+    report: &FileReport,
     default_namespace: &str,
 ) -> Result<Vec<(ServiceKey, pb::Snapshot)>, ManifestError> {
-    let loaded = sagamesh_manifest::load_str(file, text);
-    if !loaded.errors.is_empty() {
-        return Err(ManifestError::Invalid(loaded.errors));
+    if !report.problems.is_empty() {
+        return Err(ManifestError::Invalid(report.problems.clone()));
     }
     let mut out = Vec::new();
-    for located in loaded.manifests {
-        let Manifest::ServiceRegistration(reg) = located.manifest else {
-            continue;
-        };
+    for reg in &report.registrations {
         let unservable = |message: String| ManifestError::Unservable {
-            file: located.file.clone(),
-            line: located.line,
+            file: report.file.clone(),
+            line: reg.line,
             message,
         };
-        // The loader checked the name (a DNS label).
-        let name = reg.metadata.name.clone().unwrap_or_default();
-        let namespace = reg
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| default_namespace.to_string());
+        let name = &reg.name;
+        let namespace = reg.namespace.as_deref().unwrap_or(default_namespace);
         if reg.spec.endpoints.is_none() {
             return Err(unservable(format!(
                 "{name}: only spec.endpoints can be served from files (spec.selector needs the cluster)"
             )));
         }
-        let snapshot = pb::snapshot_from_spec(&namespace, &name, &reg.spec)
+        let snapshot = pb::snapshot_from_spec(namespace, name, &reg.spec)
             .map_err(|e| unservable(format!("{name}: {e}")))?;
-        out.push((ServiceKey::new(namespace, name), snapshot));
+        out.push((ServiceKey::new(namespace, name.clone()), snapshot));
     }
     Ok(out)
 }
@@ -92,6 +230,7 @@ struct State {
 pub struct FileDiscovery {
     path: PathBuf,
     default_namespace: String,
+    checker: ManifestChecker,
     watches: Watches,
     state: Mutex<State>,
     revision: AtomicU64,
@@ -100,15 +239,19 @@ pub struct FileDiscovery {
 }
 
 impl FileDiscovery {
-    /// Loads `path` now and polls it every `interval` from a background task.
+    /// Loads `path` now and polls it every `interval` from a background task. Fails when the
+    /// checker cannot check the files now (a file's own problems are not a failure: they are
+    /// logged and shown on `/debug/discovery`).
     pub fn spawn(
         path: impl Into<PathBuf>,
         default_namespace: &str,
         interval: Duration,
-    ) -> Arc<Self> {
+        checker: ManifestChecker,
+    ) -> Result<Arc<Self>, CheckerError> {
         let this = Arc::new(FileDiscovery {
             path: path.into(),
             default_namespace: default_namespace.to_string(),
+            checker,
             watches: Watches::default(),
             state: Mutex::new(State {
                 files: HashMap::new(),
@@ -119,7 +262,7 @@ impl FileDiscovery {
             loaded: AtomicBool::new(false),
             task: Mutex::new(None),
         });
-        this.reload_if_changed();
+        this.reload()?;
         let weak = Arc::downgrade(&this);
         let handle = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
@@ -134,7 +277,7 @@ impl FileDiscovery {
         if let Ok(mut t) = this.task.lock() {
             *t = Some(handle);
         }
-        this
+        Ok(this)
     }
 
     fn files(&self) -> Vec<PathBuf> {
@@ -173,8 +316,19 @@ impl FileDiscovery {
             .collect()
     }
 
-    /// Reloads when the files changed; returns whether it did.
+    /// Reloads when the files changed; returns whether it did. A checker failure is logged and
+    /// shown on `/debug/discovery`; every file keeps its last good content.
     pub fn reload_if_changed(&self) -> bool {
+        match self.reload() {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::warn!(error = %e, "manifests not checked; their last good content stays in use");
+                true
+            }
+        }
+    }
+
+    fn reload(&self) -> Result<bool, CheckerError> {
         let files = self.files();
         let fp = Self::fingerprint(&files);
         let mut state = match self.state.lock() {
@@ -182,15 +336,27 @@ impl FileDiscovery {
             Err(p) => p.into_inner(),
         };
         if state.fingerprint.as_ref() == Some(&fp) {
-            return false;
+            return Ok(false);
         }
         state.fingerprint = Some(fp);
-        state.files.retain(|p, _| files.contains(p));
         state.errors.clear();
+        let reports = match self.checker.check(&files) {
+            Ok(reports) => reports,
+            Err(e) => {
+                state
+                    .errors
+                    .insert(self.path.display().to_string(), e.to_string());
+                return Err(e);
+            }
+        };
+        state.files.retain(|p, _| files.contains(p));
+        let mut reports: HashMap<PathBuf, FileReport> =
+            reports.into_iter().map(|r| (r.file.clone(), r)).collect();
         for file in &files {
-            let parsed = std::fs::read_to_string(file)
-                .map_err(ManifestError::from)
-                .and_then(|text| parse_manifests(file, &text, &self.default_namespace));
+            let parsed = reports
+                .remove(file)
+                .ok_or_else(|| ManifestError::NotReported(file.clone()))
+                .and_then(|report| snapshots_of(&report, &self.default_namespace));
             match parsed {
                 Ok(services) => {
                     state.files.insert(file.clone(), services);
@@ -218,7 +384,7 @@ impl FileDiscovery {
         // Services nobody watches yet are created on first watch from the stored files.
         self.loaded.store(true, Ordering::Relaxed);
         tracing::info!(path = %self.path.display(), revision, "manifests loaded");
-        true
+        Ok(true)
     }
 
     fn lookup(&self, key: &ServiceKey) -> Resolution {
@@ -281,78 +447,163 @@ impl Discover for FileDiscovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sagamesh_api::manifest_report::CheckedRegistration;
 
-    const GOOD: &str = r#"
-apiVersion: sagamesh.io/v1alpha1
-kind: ServiceRegistration
-metadata: {name: orders, namespace: shop}
-spec:
-  endpoints:
-    - {address: 127.0.0.2, port: 8080, weight: 2}
-  ports: [{name: http, port: 80}]
-  loadBalancer: {policy: RoundRobin}
----
-apiVersion: sagamesh.io/v1alpha1
-kind: Saga
-metadata: {name: ignored}
-spec:
-  steps:
-    - {name: create, action: {service: orders, path: /orders}}
----
-apiVersion: sagamesh.io/v1alpha1
-kind: ServiceRegistration
-metadata: {name: payments}
-spec:
-  endpoints: [{address: 127.0.0.3, port: 9090}]
-  ports: [{name: grpc, port: 90, protocol: GRPC}]
-"#;
-
-    fn parse(text: &str) -> Result<Vec<(ServiceKey, pb::Snapshot)>, ManifestError> {
-        parse_manifests(Path::new("m.yaml"), text, "default")
+    fn registration(name: &str, namespace: Option<&str>, spec: &str) -> CheckedRegistration {
+        CheckedRegistration {
+            line: 3,
+            name: name.to_string(),
+            namespace: namespace.map(str::to_string),
+            spec: serde_json::from_str(spec).expect("spec"),
+        }
     }
 
+    const ENDPOINTS: &str = r#"{"endpoints": [{"address": "127.0.0.2", "port": 8080, "weight": 2}], "ports": [{"name": "http", "port": 80}]}"#;
+
     #[test]
-    fn parses_multi_document_files() {
-        let out = parse(GOOD).expect("parse");
-        assert_eq!(out.len(), 2);
+    fn a_report_becomes_snapshots_in_the_default_namespace_unless_named() {
+        let report = FileReport {
+            file: "m.yaml".into(),
+            registrations: vec![
+                registration("orders", Some("shop"), ENDPOINTS),
+                registration("payments", None, ENDPOINTS),
+            ],
+            problems: vec![],
+        };
+        let out = snapshots_of(&report, "default").expect("snapshots");
         assert_eq!(out[0].0, ServiceKey::new("shop", "orders"));
         assert_eq!(out[0].1.endpoints[0].weight, 2);
         assert_eq!(out[1].0, ServiceKey::new("default", "payments"));
     }
 
-    /// What `sagamesh local` refuses, the sidecar refuses, with the same file, line and field.
     #[test]
-    fn refuses_what_local_mode_refuses_naming_file_line_and_field() {
-        let bad_port = GOOD.replace("port: 8080, weight: 2", "port: 99999, weight: 2");
-        let e = parse(&bad_port).expect_err("port out of range");
-        assert!(
-            e.to_string()
-                .starts_with("m.yaml:7: spec.endpoints[0].port: "),
-            "{e}"
-        );
-        let loaded = sagamesh_manifest::load_str(Path::new("m.yaml"), &bad_port);
-        assert_eq!(e.to_string(), loaded.errors[0].to_string());
+    fn problems_and_selector_registrations_refuse_the_file() {
+        let mut report = FileReport {
+            file: "m.yaml".into(),
+            registrations: vec![],
+            problems: vec!["m.yaml:7: spec.endpoints[0].port: too big".into()],
+        };
+        let e = snapshots_of(&report, "default").expect_err("problems");
+        assert_eq!(e.to_string(), "m.yaml:7: spec.endpoints[0].port: too big");
 
-        // No apiVersion: the API server would not take it either.
-        let e = parse("kind: ServiceRegistration\nmetadata: {name: x}\nspec: {ports: 5}\n")
-            .expect_err("bad");
-        assert!(e.to_string().contains("apiVersion"), "{e}");
-        // An invalid Saga refuses the file too, though the sidecar does not use Sagas.
-        let bad_saga = GOOD.replace("path: /orders", "path: orders");
-        let e = parse(&bad_saga).expect_err("bad saga");
-        assert!(e.to_string().contains("spec.steps[0].action.path"), "{e}");
-        let e = parse("a: [").expect_err("bad yaml");
-        assert!(e.to_string().contains("invalid YAML"), "{e}");
-    }
-
-    #[test]
-    fn selector_registrations_cannot_be_served_from_files() {
-        let selector = "apiVersion: sagamesh.io/v1alpha1\nkind: ServiceRegistration\nmetadata: {name: x}\nspec: {selector: {app: x}, ports: [{name: http, port: 80}]}\n";
-        let e = parse(selector).expect_err("selector");
+        report.problems.clear();
+        report.registrations = vec![registration(
+            "x",
+            None,
+            r#"{"selector": {"app": "x"}, "ports": [{"name": "http", "port": 80}]}"#,
+        )];
+        let e = snapshots_of(&report, "default").expect_err("selector");
         assert!(
-            matches!(e, ManifestError::Unservable { line: 1, .. }),
+            matches!(e, ManifestError::Unservable { line: 3, .. }),
             "{e}"
         );
         assert!(e.to_string().contains("spec.endpoints"), "{e}");
+    }
+
+    /// A real child process per case: a shell script standing in for the checker program.
+    fn script(name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sagamesh-checker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    #[test]
+    fn a_checker_program_gets_json_and_the_files_and_its_report_is_read() {
+        // Echoes its arguments back as the report's file names.
+        let program = script(
+            "echo-args",
+            r#"[ "$1" = --json ] && [ "$2" = -- ] || exit 9
+shift 2
+printf '['; sep=''; for f in "$@"; do printf '%s{"file":"%s"}' "$sep" "$f"; sep=','; done; printf ']'"#,
+        );
+        let checker = ManifestChecker::command(&program, CHECKER_TIMEOUT);
+        let files = vec![PathBuf::from("a.yaml"), PathBuf::from("-b.yaml")];
+        let reports = checker.check(&files).expect("reports");
+        let got: Vec<_> = reports.iter().map(|r| r.file.clone()).collect();
+        assert_eq!(got, files);
+    }
+
+    #[test]
+    fn checker_failures_name_the_program_and_why() {
+        let missing =
+            ManifestChecker::command("/nonexistent/sagamesh-manifest-check", CHECKER_TIMEOUT);
+        let e = missing.check(&[]).expect_err("missing");
+        assert!(matches!(e, CheckerError::Spawn { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("/nonexistent/sagamesh-manifest-check"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("--manifest-checker"), "{e}");
+
+        let failing = ManifestChecker::command(
+            script("fails", "echo 'out of memory' >&2; exit 3"),
+            CHECKER_TIMEOUT,
+        );
+        let e = failing.check(&[]).expect_err("fails");
+        assert!(
+            e.to_string().contains("exit status: 3: out of memory"),
+            "{e}"
+        );
+
+        let garbage =
+            ManifestChecker::command(script("garbage", "echo 'not json'"), CHECKER_TIMEOUT);
+        let e = garbage.check(&[]).expect_err("garbage");
+        assert!(matches!(e, CheckerError::Report { .. }), "{e}");
+
+        let hangs =
+            ManifestChecker::command(script("hangs", "exec sleep 30"), Duration::from_millis(200));
+        let e = hangs.check(&[]).expect_err("hangs");
+        assert!(matches!(e, CheckerError::Timeout { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_checker_keeps_the_last_good_content_and_says_why() {
+        let dir = std::env::temp_dir().join(format!("sagamesh-file-keep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("web.yaml"), "v1").expect("write");
+        let fail = Arc::new(AtomicBool::new(false));
+        let checker = {
+            let fail = fail.clone();
+            ManifestChecker(Arc::new(move |files: &[PathBuf]| {
+                if fail.load(Ordering::Relaxed) {
+                    return Err(CheckerError::Timeout {
+                        program: "checker".into(),
+                        timeout: Duration::ZERO,
+                    });
+                }
+                Ok(files
+                    .iter()
+                    .map(|f| FileReport {
+                        file: f.clone(),
+                        registrations: vec![registration("web", None, ENDPOINTS)],
+                        problems: vec![],
+                    })
+                    .collect())
+            }))
+        };
+        let d = FileDiscovery::spawn(&dir, "default", Duration::from_secs(3600), checker)
+            .expect("first load");
+        let web = ServiceKey::new("default", "web");
+        let rx = d.watch(&web);
+        assert!(matches!(*rx.borrow(), Resolution::Snapshot { .. }));
+
+        fail.store(true, Ordering::Relaxed);
+        std::fs::write(dir.join("web.yaml"), "v2, longer").expect("write");
+        assert!(d.reload_if_changed());
+        assert!(
+            matches!(*rx.borrow(), Resolution::Snapshot { .. }),
+            "last good content kept"
+        );
+        let errors = d.errors();
+        assert!(
+            errors.values().any(|e| e.contains("did not finish")),
+            "{errors:?}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

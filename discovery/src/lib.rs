@@ -1,7 +1,7 @@
 //! Where endpoints and policy come from, behind one trait: the control plane's gRPC stream
 //! ([`grpc::GrpcDiscovery`]), a file or directory of ServiceRegistration manifests
-//! (`file::FileDiscovery`, feature `files`), or a fixed in-memory table ([`StaticDiscovery`], for tests and
-//! embedding).
+//! ([`file::FileDiscovery`], checked by `sagamesh-manifest-check` in a child process), or a
+//! fixed in-memory table ([`StaticDiscovery`], for tests and embedding).
 //!
 //! Every source hands out one `watch::Receiver<Resolution>` per service: the receiver always
 //! holds the latest full state, so a source that loses its upstream simply stops updating it
@@ -10,7 +10,6 @@
 //! [`proto`] is the discovery protocol itself (the generated gRPC code and its conversions from
 //! the ServiceRegistration types); [`server`] serves it over any [`server::Source`].
 
-#[cfg(feature = "files")]
 pub mod file;
 pub mod grpc;
 pub mod name;

@@ -7,6 +7,7 @@
 //! The one manifest loader: `sagamesh local` and the sidecar's `--manifests` both read files
 //! through it, so a file one accepts the other accepts too.
 
+pub mod report;
 mod yaml;
 
 use std::{
@@ -83,44 +84,39 @@ pub struct Loaded {
     pub errors: Vec<ManifestError>,
 }
 
+/// The `*.yaml` / `*.yml` files of `dir` (not recursive), in name order.
+pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Reads every `*.yaml` / `*.yml` file of `dir` (not recursive), in name order.
 pub fn load_dir(dir: &Path) -> Loaded {
-    let mut loaded = Loaded::default();
-    let schemas = Schemas::default();
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(entries) => entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.is_file()
-                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-            })
-            .collect(),
+    let files = match manifest_files(dir) {
+        Ok(files) => files,
         Err(e) => {
-            loaded.errors.push(ManifestError {
-                file: dir.to_path_buf(),
-                line: 0,
-                field: String::new(),
-                message: format!("cannot read directory: {e}"),
-            });
-            return loaded;
+            return Loaded {
+                manifests: Vec::new(),
+                errors: vec![ManifestError {
+                    file: dir.to_path_buf(),
+                    line: 0,
+                    field: String::new(),
+                    message: format!("cannot read directory: {e}"),
+                }],
+            };
         }
     };
-    files.sort();
-    for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                let one = load_with(&schemas, &file, &text);
-                loaded.manifests.extend(one.manifests);
-                loaded.errors.extend(one.errors);
-            }
-            Err(e) => loaded.errors.push(ManifestError {
-                file,
-                line: 0,
-                field: String::new(),
-                message: format!("cannot read: {e}"),
-            }),
-        }
+    let mut loaded = Loaded::default();
+    for one in load_files(&files) {
+        loaded.manifests.extend(one.manifests);
+        loaded.errors.extend(one.errors);
     }
     loaded
 }
@@ -142,6 +138,27 @@ pub fn load_path(path: &Path) -> Loaded {
             }],
         },
     }
+}
+
+/// Reads each of `files` on its own (one [`Loaded`] per file, in order), compiling the schemas
+/// once for all of them.
+pub fn load_files(files: &[PathBuf]) -> Vec<Loaded> {
+    let schemas = Schemas::default();
+    files
+        .iter()
+        .map(|file| match std::fs::read_to_string(file) {
+            Ok(text) => load_with(&schemas, file, &text),
+            Err(e) => Loaded {
+                manifests: Vec::new(),
+                errors: vec![ManifestError {
+                    file: file.clone(),
+                    line: 0,
+                    field: String::new(),
+                    message: format!("cannot read: {e}"),
+                }],
+            },
+        })
+        .collect()
 }
 
 /// Parses and checks every document of one file's text.

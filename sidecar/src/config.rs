@@ -60,6 +60,12 @@ pub struct Config {
     #[arg(long, env = "SAGAMESH_MANIFEST_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
     pub manifest_poll_interval: Duration,
 
+    /// The program that checks the --manifests files (run as `PROGRAM --json -- FILE...` on each
+    /// change, so its validator is not resident in the sidecar). Default: sagamesh-manifest-check
+    /// beside this binary, else on PATH.
+    #[arg(long, env = "SAGAMESH_MANIFEST_CHECKER")]
+    pub manifest_checker: Option<PathBuf>,
+
     /// Namespace of destinations named without one (`orders` = `orders.<namespace>`); the pod's
     /// own namespace.
     #[arg(long, env = "SAGAMESH_NAMESPACE", default_value = "default")]
@@ -152,6 +158,7 @@ impl Config {
             discovery_addr: None,
             manifests: None,
             manifest_poll_interval: Duration::from_millis(100),
+            manifest_checker: None,
             namespace: "default".into(),
             cluster_domain: "cluster.local".into(),
             caller: "test".into(),

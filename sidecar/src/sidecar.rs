@@ -1,6 +1,7 @@
 //! Wiring: discovery source, mesh client, the three listeners, and graceful shutdown.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,7 +12,9 @@ use tokio::task::JoinHandle;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::proxy::{Inbound, Limits, Outbound, serve};
-use sagamesh_discovery::file::FileDiscovery;
+use sagamesh_discovery::file::{
+    CHECKER_PROGRAM, CHECKER_TIMEOUT, CheckerError, FileDiscovery, ManifestChecker,
+};
 use sagamesh_discovery::grpc::{GrpcDiscovery, RECONNECT_BACKOFF};
 use sagamesh_discovery::{Discover, StaticDiscovery};
 use sagamesh_mesh::client::{ClientConfig, MeshClient};
@@ -28,6 +31,21 @@ pub enum StartError {
     },
     #[error(transparent)]
     Discovery(#[from] sagamesh_discovery::grpc::AddressError),
+    #[error("--manifests {path:?}: {source}")]
+    Manifests { path: PathBuf, source: CheckerError },
+}
+
+/// The checker for `--manifests`: `--manifest-checker`, else `sagamesh-manifest-check` beside
+/// this binary, else on `PATH`.
+pub fn manifest_checker(config: &Config) -> ManifestChecker {
+    let program = config.manifest_checker.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join(CHECKER_PROGRAM)))
+            .filter(|beside| beside.is_file())
+            .unwrap_or_else(|| PathBuf::from(CHECKER_PROGRAM))
+    });
+    ManifestChecker::command(program, CHECKER_TIMEOUT)
 }
 
 /// A running sidecar.
@@ -50,14 +68,24 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 }
 
 impl Sidecar {
-    /// Builds the discovery source the config names: gRPC, manifests, or (neither) an empty
-    /// static table where every service is unknown.
-    pub fn discovery_from_config(config: &Config) -> Result<Arc<dyn Discover>, StartError> {
+    /// Builds the discovery source the config names: gRPC, manifests (checked by `checker`), or
+    /// (neither) an empty static table where every service is unknown.
+    pub fn discovery_from_config(
+        config: &Config,
+        checker: ManifestChecker,
+    ) -> Result<Arc<dyn Discover>, StartError> {
         Ok(match (&config.discovery_addr, &config.manifests) {
             (Some(addr), _) => GrpcDiscovery::new(addr, &config.caller, RECONNECT_BACKOFF)?,
-            (None, Some(path)) => {
-                FileDiscovery::spawn(path, &config.namespace, config.manifest_poll_interval)
-            }
+            (None, Some(path)) => FileDiscovery::spawn(
+                path,
+                &config.namespace,
+                config.manifest_poll_interval,
+                checker,
+            )
+            .map_err(|source| StartError::Manifests {
+                path: path.clone(),
+                source,
+            })?,
             (None, None) => {
                 tracing::warn!("no --discovery-addr or --manifests: every destination is unknown");
                 StaticDiscovery::new()
@@ -67,7 +95,7 @@ impl Sidecar {
 
     /// Starts the sidecar with the discovery source from the config.
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        let discover = Self::discovery_from_config(&config)?;
+        let discover = Self::discovery_from_config(&config, manifest_checker(&config))?;
         Self::start_with(config, discover).await
     }
 

@@ -61,6 +61,8 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let child = Command::new(env!("CARGO_BIN_EXE_sagamesh-sidecar"))
         .args(["--manifests"])
         .arg(&manifest)
+        .arg("--manifest-checker")
+        .arg(sagamesh_testing::manifest_checker())
         .args(["--outbound-addr", &outbound.to_string()])
         .args(["--admin-addr", &admin.to_string()])
         .args(["--shutdown-grace", "10s", "--log-format", "json"])

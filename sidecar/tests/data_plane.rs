@@ -10,7 +10,7 @@ use common::*;
 use http::StatusCode;
 use sagamesh_api::service_registration as sr;
 use sagamesh_discovery::StaticDiscovery;
-use sagamesh_discovery::file::FileDiscovery;
+use sagamesh_discovery::file::{CHECKER_TIMEOUT, FileDiscovery, ManifestChecker};
 use sagamesh_sidecar::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -602,7 +602,10 @@ async fn manifest_change_is_applied_without_restart() {
         "kind: ServiceRegistration\nspec: [",
     )
     .expect("write");
-    let d = FileDiscovery::spawn(&dir, "default", Duration::from_millis(50));
+    // The sidecar binary's way: the checker program as a child on every change.
+    let checker = ManifestChecker::command(sagamesh_testing::manifest_checker(), CHECKER_TIMEOUT);
+    let d = FileDiscovery::spawn(&dir, "default", Duration::from_millis(50), checker)
+        .expect("the checker runs");
     let sidecar = start_sidecar(d.clone()).await;
     let client = http_client();
     let g = get(&client, sidecar.outbound_addr(), "web").await;

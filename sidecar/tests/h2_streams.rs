@@ -395,6 +395,8 @@ async fn start_sidecar_binary(endpoint: SocketAddr, dir: &std::path::Path) -> (C
     let child = Command::new(env!("CARGO_BIN_EXE_sagamesh-sidecar"))
         .arg("--manifests")
         .arg(&manifest)
+        .arg("--manifest-checker")
+        .arg(sagamesh_testing::manifest_checker())
         .args(["--outbound-addr", &outbound.to_string()])
         .args(["--admin-addr", &admin.to_string()])
         .args(["--worker-threads", "1"])

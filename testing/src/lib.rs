@@ -94,6 +94,54 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
+/// The manifest checker the sidecar runs for `--manifests` (another package's binary, which an
+/// integration test does not get from cargo).
+pub fn manifest_checker() -> PathBuf {
+    workspace_bin("sagamesh-manifest", "sagamesh-manifest-check")
+}
+
+/// Binary `bin` of workspace package `package`, in this test's profile. `cargo test --workspace`
+/// (scripts/test.sh) has built every package's binaries before any test runs; a test run of one
+/// package builds it here once.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // This test: <target>/<profile>/deps/<name>-<hash>.
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from <target>/<profile>/deps")
+        .to_path_buf();
+    let path = profile_dir.join(bin);
+    let _one_build = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    if !path.is_file() {
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--profile",
+                profile,
+                "-p",
+                package,
+                "--bin",
+                bin,
+            ])
+            .current_dir(repo_root())
+            .status()
+            .expect("running cargo build");
+        assert!(
+            status.success(),
+            "cargo build -p {package} --bin {bin} failed"
+        );
+    }
+    path
+}
+
 static NS_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl TestBed {

@@ -62,11 +62,17 @@ fn the_data_plane_compiles_no_kubernetes_client() {
     }
 }
 
-/// The manifest validator (jsonschema, kube-cel) is for local mode and the sidecar's
-/// `--manifests` only: the mesh library, discovery's core and the control plane do without it.
+/// The manifest validator (jsonschema, kube-cel, the YAML parser) is for local mode and the
+/// checker program the sidecar's `--manifests` runs as a child: the sidecar, the mesh library,
+/// discovery and the control plane do without it.
 #[test]
 fn only_manifest_readers_compile_the_validator() {
-    for package in ["sagamesh-mesh", "sagamesh-discovery", "sagamesh-saga-mesh"] {
+    for package in [
+        "sagamesh-sidecar",
+        "sagamesh-mesh",
+        "sagamesh-discovery",
+        "sagamesh-saga-mesh",
+    ] {
         assert_absent(package, &["sagamesh-manifest", "kube-cel", "jsonschema"]);
     }
 }
