@@ -6,8 +6,7 @@
 //! failed" for retries. The algorithms are the same (power of two choices over peak-EWMA cost
 //! or in-flight requests), applied to the candidate set the client computed.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use http::HeaderName;
 use rand::Rng;
@@ -54,19 +53,20 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(policy: BalancePolicy, endpoints: &[Arc<Endpoint>]) -> Self {
+    pub fn new(policy: BalancePolicy, endpoints: &[impl AsRef<Endpoint>]) -> Self {
         let mut ring = Vec::new();
         if matches!(policy, BalancePolicy::ConsistentHash { .. }) {
             let total: u64 = endpoints
                 .iter()
-                .map(|e| u64::from(e.weight))
+                .map(|e| u64::from(e.as_ref().weight()))
                 .sum::<u64>()
                 .max(1);
             let per_weight =
                 (MAX_RING_POINTS as u64 / total).clamp(1, RING_POINTS_PER_WEIGHT.into());
             for (i, e) in endpoints.iter().enumerate() {
-                for v in 0..u64::from(e.weight) * per_weight {
-                    ring.push((fnv1a(format!("{}#{v}", e.key).as_bytes()), i));
+                let e = e.as_ref();
+                for v in 0..u64::from(e.weight()) * per_weight {
+                    ring.push((fnv1a(format!("{}#{v}", e.key()).as_bytes()), i));
                 }
             }
             ring.sort_unstable();
@@ -82,7 +82,7 @@ impl Balancer {
     /// useful result). `headers` feed ConsistentHash.
     pub fn pick(
         &self,
-        endpoints: &[Arc<Endpoint>],
+        endpoints: &[impl AsRef<Endpoint>],
         candidates: &[usize],
         headers: &http::HeaderMap,
     ) -> Option<usize> {
@@ -101,7 +101,7 @@ impl Balancer {
         match &self.policy {
             BalancePolicy::RoundRobin => self.round_robin(endpoints, candidates),
             BalancePolicy::LeastRequest => Some(p2c(endpoints, candidates, |e| {
-                f64::from(e.in_flight()) / f64::from(e.weight)
+                f64::from(e.in_flight()) / f64::from(e.weight())
             })),
             BalancePolicy::PeakEwma => Some(p2c(endpoints, candidates, |e| e.ewma_cost(now))),
             BalancePolicy::ConsistentHash { header } => match headers.get(header) {
@@ -118,46 +118,46 @@ impl Balancer {
         }
     }
 
-    fn round_robin(&self, endpoints: &[Arc<Endpoint>], candidates: &[usize]) -> Option<usize> {
+    fn round_robin(
+        &self,
+        endpoints: &[impl AsRef<Endpoint>],
+        candidates: &[usize],
+    ) -> Option<usize> {
         let _guard = self.rr_lock.lock().ok()?;
         let total: i64 = candidates
             .iter()
-            .map(|i| i64::from(endpoints[*i].weight))
+            .map(|i| i64::from(endpoints[*i].as_ref().weight()))
             .sum();
         let mut best: Option<(usize, i64)> = None;
         for i in candidates {
-            let e = &endpoints[*i];
-            let cw = e
-                .rr_current
-                .fetch_add(i64::from(e.weight), Ordering::Relaxed)
-                + i64::from(e.weight);
+            let cw = endpoints[*i].as_ref().rr_advance();
             if best.is_none_or(|(_, b)| cw > b) {
                 best = Some((*i, cw));
             }
         }
         let (i, _) = best?;
-        endpoints[i].rr_current.fetch_sub(total, Ordering::Relaxed);
+        endpoints[i].as_ref().rr_charge(total);
         Some(i)
     }
 }
 
 /// Samples one candidate with probability proportional to weight, skipping `except`.
 fn weighted_sample(
-    endpoints: &[Arc<Endpoint>],
+    endpoints: &[impl AsRef<Endpoint>],
     candidates: &[usize],
     except: Option<usize>,
 ) -> usize {
     let total: u64 = candidates
         .iter()
         .filter(|i| Some(**i) != except)
-        .map(|i| u64::from(endpoints[*i].weight))
+        .map(|i| u64::from(endpoints[*i].as_ref().weight()))
         .sum();
     if total == 0 {
         return candidates[0];
     }
     let mut r = rand::rng().random_range(0..total);
     for i in candidates.iter().filter(|i| Some(**i) != except) {
-        let w = u64::from(endpoints[*i].weight);
+        let w = u64::from(endpoints[*i].as_ref().weight());
         if r < w {
             return *i;
         }
@@ -168,13 +168,13 @@ fn weighted_sample(
 
 /// Power of two choices: two distinct candidates sampled by weight, the lower cost wins.
 fn p2c(
-    endpoints: &[Arc<Endpoint>],
+    endpoints: &[impl AsRef<Endpoint>],
     candidates: &[usize],
     cost: impl Fn(&Endpoint) -> f64,
 ) -> usize {
     let a = weighted_sample(endpoints, candidates, None);
     let b = weighted_sample(endpoints, candidates, Some(a));
-    if cost(&endpoints[b]) < cost(&endpoints[a]) {
+    if cost(endpoints[b].as_ref()) < cost(endpoints[a].as_ref()) {
         b
     } else {
         a
@@ -185,6 +185,7 @@ fn p2c(
 mod tests {
     use super::*;
     use crate::breaker::BreakerConfig;
+    use std::sync::Arc;
     use std::time::Duration;
 
     fn eps(weights: &[u32]) -> Vec<Arc<Endpoint>> {

@@ -24,10 +24,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::balance::Balancer;
 use crate::body::{self, BoxBody, Guarded};
-use crate::breaker::{Admit, BreakerState};
 use crate::endpoint::{Endpoint, InFlight};
+use crate::endpoint_set::{EndpointSet, MetricLabels};
 use crate::error::MeshError;
 use crate::metrics::{DestinationMetrics, Metrics, ServiceLabels};
 use crate::policy::{RetryConfig, ServicePolicy};
@@ -82,10 +81,7 @@ struct DestState {
     resolution: Resolution,
     snapshot: Option<Arc<pb::Snapshot>>,
     policy: ServicePolicy,
-    endpoints: Vec<Arc<Endpoint>>,
-    /// (ready, port name) per endpoint.
-    meta: Vec<(bool, String)>,
-    balancer: Balancer,
+    endpoints: EndpointSet,
     budget: Option<(RetryBudgetKey, Arc<TpsBudget>)>,
 }
 
@@ -106,46 +102,9 @@ impl DestState {
             _ => None,
         };
         let policy = ServicePolicy::from_proto(snapshot.as_ref().and_then(|s| s.policy.as_ref()));
-        let mut endpoints = Vec::new();
-        let mut meta = Vec::new();
-        for e in snapshot.iter().flat_map(|s| s.endpoints.iter()) {
-            let Ok(port) = u16::try_from(e.port) else {
-                continue;
-            };
-            if port == 0 || e.address.is_empty() {
-                continue;
-            }
-            let weight = if e.weight == 0 { 1 } else { e.weight };
-            let key = format!("{}:{port}", e.address);
-            // Keep load and breaker state of endpoints that stay.
-            let reused = previous.and_then(|p| {
-                p.endpoints.iter().find(|x| {
-                    x.key == key
-                        && x.weight == weight
-                        && x.breaker
-                            .lock()
-                            .is_ok_and(|b| *b.config() == policy.breaker)
-                })
-            });
-            let ep = match reused {
-                Some(x) => x.clone(),
-                None => Arc::new(Endpoint::new(
-                    e.address.clone(),
-                    port,
-                    weight,
-                    e.zone.clone(),
-                    policy.breaker.clone(),
-                )),
-            };
-            if endpoints.iter().any(|x: &Arc<Endpoint>| x.key == ep.key) {
-                continue;
-            }
-            endpoints.push(ep);
-            meta.push((e.ready, e.port_name.clone()));
-        }
-        // A new endpoint needs no seeded estimate: until its first answer its estimate is
-        // stale, so the balancer sends it a request at once (see `endpoint::PeakEwma`).
-        let balancer = Balancer::new(policy.balance.clone(), &endpoints);
+        let endpoints =
+            EndpointSet::build(snapshot.as_deref(), &policy, previous.map(|p| &p.endpoints));
+        // A budget whose settings stay keeps its balance.
         let budget = policy.retry.as_ref().map(|r| {
             let key = budget_key(r);
             match previous
@@ -168,8 +127,6 @@ impl DestState {
             snapshot,
             policy,
             endpoints,
-            meta,
-            balancer,
             budget,
         }
     }
@@ -199,14 +156,8 @@ impl Destination {
             && let Ok(mut st) = self.state.write()
         {
             let next = DestState::build(resolution, Some(&st));
-            for gone in st
-                .endpoints
-                .iter()
-                .filter(|e| !next.endpoints.iter().any(|n| n.key == e.key))
-            {
-                gone.metrics.retire();
-                self.metrics.remove_endpoint(&gone.key);
-            }
+            st.endpoints
+                .retire_missing_from(&next.endpoints, &self.metrics);
             *st = Arc::new(next);
         }
         self.snapshot_state()
@@ -445,33 +396,21 @@ impl MeshClient {
         .ok_or_else(|| MeshError::UnknownService(name.clone()))?;
 
         // The port: the one named, else the first.
-        let port = match &target.port {
+        let port_index = match &target.port {
             Some(p) => snapshot
                 .ports
                 .iter()
-                .find(|x| match p {
+                .position(|x| match p {
                     PortRef::Number(n) => x.port == u32::from(*n),
                     PortRef::Name(n) => &x.name == n,
                 })
                 .ok_or_else(|| MeshError::UnknownService(format!("{name} has no port {p}")))?,
-            None => snapshot
-                .ports
-                .first()
-                .ok_or_else(|| MeshError::NoEndpoints(name.clone()))?,
+            None if snapshot.ports.is_empty() => return Err(MeshError::NoEndpoints(name.clone())),
+            None => 0,
         };
-        let first_port = snapshot.ports.first().map(|p| p.name.as_str());
-        let grpc = pb::Protocol::try_from(port.protocol) == Ok(pb::Protocol::Grpc);
-        let candidates: Vec<usize> = state
-            .meta
-            .iter()
-            .enumerate()
-            .filter(|(_, (ready, port_name))| {
-                *ready
-                    && (port_name == &port.name
-                        || (port_name.is_empty() && first_port == Some(port.name.as_str())))
-            })
-            .map(|(i, _)| i)
-            .collect();
+        let grpc =
+            pb::Protocol::try_from(snapshot.ports[port_index].protocol) == Ok(pb::Protocol::Grpc);
+        let candidates = state.endpoints.candidates(port_index);
         if candidates.is_empty() {
             return Err(MeshError::NoEndpoints(name.clone()));
         }
@@ -501,52 +440,39 @@ impl MeshClient {
             parts.headers.insert(header::HOST, v);
         }
 
-        // Retries need a replayable body.
+        // Every request earns retry budget; a retry spends it.
         if let Some((_, b)) = &state.budget {
             b.deposit();
         }
-        let mut retry_cfg = policy
+        let retry = policy
             .retry
             .as_ref()
             .filter(|r| r.attempts > 1 && retry::may_retry(r, &parts.method, &parts.headers));
-        let mut body = Some(body);
-        let mut buffered: Option<Bytes> = None;
-        if retry_cfg.is_some() {
-            let b = body.take().unwrap_or_else(body::empty);
-            let exact = b.size_hint().exact();
-            if b.is_end_stream() {
-                buffered = Some(Bytes::new());
-            } else if exact.is_some_and(|n| n <= self.inner.cfg.max_retry_body_bytes) {
-                let collected =
-                    http_body_util::Limited::new(b, self.inner.cfg.max_retry_body_bytes as usize)
-                        .collect()
-                        .await
-                        .map_err(|e| MeshError::BadRequest(format!("reading request body: {e}")))?;
-                buffered = Some(collected.to_bytes());
-            } else {
-                body = Some(b);
-                retry_cfg = None;
-            }
-        }
-        let attempts = retry_cfg.map(|r| r.attempts).unwrap_or(1);
-
-        let mut delivered = false;
-        let run = self.attempts(
-            &mut delivered,
-            &state,
-            &dest.metrics,
-            &candidates,
-            &mut parts,
+        // Retries need a replayable body.
+        let (body, retry) = match retry {
+            Some(r) => match self.replayable(body).await? {
+                Ok(bytes) => (RequestBody::Replayable(bytes), Some(r)),
+                Err(streamed) => (RequestBody::Once(Some(streamed)), None),
+            },
+            None => (RequestBody::Once(Some(body)), None),
+        };
+        let mut attempts = Attempts {
+            client: &self.inner,
+            state: &state,
+            dest: &dest.metrics,
+            candidates,
+            parts,
             body,
-            buffered,
-            retry_cfg,
-            attempts,
+            retry,
+            max: retry.map_or(1, |r| r.attempts),
             use_h2,
-        );
+            tried: Vec::new(),
+            delivered: false,
+        };
         // Pinned where it is: the attempts future is large, and a timeout taking it by value
         // would copy it on every request.
         let result = {
-            let mut run = std::pin::pin!(run);
+            let mut run = std::pin::pin!(attempts.run());
             match policy.timeout {
                 Some(t) => match tokio::time::timeout(t, run.as_mut()).await {
                     Ok(r) => r,
@@ -555,7 +481,7 @@ impl MeshClient {
                 None => run.await,
             }
         };
-        let result = result.map_err(|e| e.delivered_before(delivered));
+        let result = result.map_err(|e| e.delivered_before(attempts.delivered));
         result.map(|(resp, ep_guard)| {
             resp.map(|b| {
                 body::boxed(Guarded::new(
@@ -569,231 +495,21 @@ impl MeshClient {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn attempts(
-        &self,
-        delivered: &mut bool,
-        state: &DestState,
-        dest_metrics: &DestinationMetrics,
-        candidates: &[usize],
-        parts: &mut http::request::Parts,
-        mut body: Option<BoxBody>,
-        buffered: Option<Bytes>,
-        retry_cfg: Option<&RetryConfig>,
-        attempts: u32,
-        use_h2: bool,
-    ) -> Result<(Response<BoxBody>, InFlight), MeshError> {
-        let mut tried: Vec<usize> = Vec::new();
-        let mut last: Option<Result<(Response<BoxBody>, InFlight), MeshError>> = None;
-        let per_try = retry_cfg.and_then(|r| r.per_try_timeout);
-        let caller_retries = parts.extensions.get::<retry::CallerRetries>().is_some();
-        let name = dest_metrics.destination();
-        for attempt in 1..=attempts {
-            if attempt > 1 {
-                let (Some(cfg), Some((_, budget))) = (retry_cfg, state.budget.as_ref()) else {
-                    break;
-                };
-                if !budget.withdraw() {
-                    self.inner
-                        .metrics
-                        .budget_exhausted
-                        .get_or_create(&ServiceLabels {
-                            destination: name.to_string(),
-                        })
-                        .inc();
-                    return match last {
-                        Some(Err(e)) => Err(MeshError::BudgetExhausted {
-                            service: name.to_string(),
-                            last: e.to_string(),
-                            maybe_delivered: e.maybe_delivered(),
-                        }),
-                        Some(ok) => ok,
-                        None => Err(MeshError::NoEndpoints(name.to_string())),
-                    };
-                }
-                dest_metrics.retries().inc();
-                tokio::time::sleep(retry::backoff(cfg, attempt - 1, self.inner.cfg.jitter)).await;
-            }
-            let (idx, probe) = match self.pick(state, name, candidates, &tried, &parts.headers) {
-                Ok(p) => p,
-                // Nothing left to try: report the last real failure if there was one.
-                Err(e) => return last.unwrap_or(Err(e)),
-            };
-            tried.push(idx);
-            let ep = state.endpoints[idx].clone();
-            let req_body = match (&buffered, body.take()) {
-                (Some(b), _) => body::full(b.clone()),
-                (None, Some(b)) => b,
-                (None, None) => break,
-            };
-            // The last possible attempt takes the headers; earlier ones send a copy.
-            let headers = if attempt == attempts {
-                std::mem::take(&mut parts.headers)
-            } else {
-                parts.headers.clone()
-            };
-            let req = build_request(parts, headers, req_body, &ep, use_h2)?;
-            let (outcome, result) = self.attempt(&ep, probe, req, per_try, use_h2).await;
-            self.record(state, name, idx, probe, outcome);
-            // Whether an attempt before the one in `last` may have reached the service.
-            if let Some(prev) = &last {
-                *delivered |= prev.as_ref().map_or_else(|e| e.maybe_delivered(), |_| true);
-            }
-            let retry = attempt < attempts
-                && retry_cfg.is_some_and(|cfg| retry::is_retryable(cfg, outcome))
-                && (!caller_retries || retry::retried_for_retrying_caller(outcome));
-            last = Some(result);
-            if !retry {
-                break;
-            }
+    /// The whole body, when it is small enough to keep for retries (`Ok`), or the body itself
+    /// to send once (`Err`): one larger than `max_retry_body_bytes`, or of unknown length.
+    async fn replayable(&self, body: BoxBody) -> Result<Result<Bytes, BoxBody>, MeshError> {
+        if body.is_end_stream() {
+            return Ok(Ok(Bytes::new()));
         }
-        last.unwrap_or_else(|| Err(MeshError::NoEndpoints(name.to_string())))
-    }
-
-    /// Chooses an endpoint among the candidates whose breakers let traffic through, preferring
-    /// ones not tried yet by this request. Returns its index and whether it is a probe.
-    fn pick(
-        &self,
-        state: &DestState,
-        name: &str,
-        candidates: &[usize],
-        tried: &[usize],
-        headers: &HeaderMap,
-    ) -> Result<(usize, bool), MeshError> {
-        let now = Instant::now();
-        let available = |i: &usize| {
-            state.endpoints[*i]
-                .breaker
-                .lock()
-                .is_ok_and(|b| b.available(now))
-        };
-        // The usual case, a first try with every breaker closed, borrows the candidates.
-        let mut pool: std::borrow::Cow<'_, [usize]> =
-            if tried.is_empty() && candidates.iter().all(available) {
-                std::borrow::Cow::Borrowed(candidates)
-            } else {
-                let mut p: Vec<usize> = candidates
-                    .iter()
-                    .copied()
-                    .filter(|i| !tried.contains(i) && available(i))
-                    .collect();
-                if p.is_empty() {
-                    p = candidates.iter().copied().filter(available).collect();
-                }
-                std::borrow::Cow::Owned(p)
-            };
-        while !pool.is_empty() {
-            let Some(i) = state.balancer.pick(&state.endpoints, &pool, headers) else {
-                break;
-            };
-            let ep = &state.endpoints[i];
-            let admit = ep
-                .breaker
-                .lock()
-                .map(|mut b| b.admit(now))
-                .unwrap_or(Admit::No);
-            match admit {
-                Admit::Yes => return Ok((i, false)),
-                Admit::Probe => {
-                    self.set_gauge(name, ep, BreakerState::HalfOpen);
-                    return Ok((i, true));
-                }
-                Admit::No => pool.to_mut().retain(|x| *x != i),
-            }
+        let limit = self.inner.cfg.max_retry_body_bytes;
+        if body.size_hint().exact().is_none_or(|n| n > limit) {
+            return Ok(Err(body));
         }
-        Err(MeshError::CircuitOpen(name.to_string()))
-    }
-
-    async fn attempt(
-        &self,
-        ep: &Arc<Endpoint>,
-        probe: bool,
-        req: Request<BoxBody>,
-        per_try: Option<Duration>,
-        use_h2: bool,
-    ) -> (Outcome, Result<(Response<BoxBody>, InFlight), MeshError>) {
-        let in_flight = ep.track();
-        // A probe whose request is cancelled gives its slot back.
-        let probe_guard = ProbeGuard {
-            ep: ep.clone(),
-            armed: probe,
-        };
-        let start = Instant::now();
-        let fut = ep
-            .pool
-            .send(&ep.address, ep.port, req, use_h2, &self.inner.pool);
-        let mut fut = std::pin::pin!(fut);
-        let res = match per_try {
-            Some(t) => tokio::time::timeout(t, fut.as_mut()).await.ok(),
-            None => Some(fut.await),
-        };
-        let mut probe_guard = probe_guard;
-        probe_guard.armed = false;
-        match res {
-            None => {
-                ep.observe_rtt(start.elapsed());
-                (
-                    Outcome::Timeout,
-                    Err(MeshError::Timeout(format!("{} (per-try timeout)", ep.key))),
-                )
-            }
-            Some(Ok(resp)) => {
-                ep.observe_rtt(start.elapsed());
-                let status = grpc_status_as_http(resp.headers()).unwrap_or(resp.status());
-                (Outcome::Response(status), Ok((resp, in_flight)))
-            }
-            Some(Err(e)) => {
-                let (outcome, err) = send_failure(&ep.key, e);
-                (outcome, Err(err))
-            }
-        }
-    }
-
-    fn set_gauge(&self, name: &str, ep: &Endpoint, state: BreakerState) {
-        ep.metrics
-            .breaker_state(&self.inner.metrics, name, &ep.key)
-            .set(state.gauge());
-    }
-
-    /// Feeds an outcome to the endpoint's breaker and ejects it when it trips and the
-    /// max-ejection-percent rule allows (always when every other endpoint is failing too).
-    fn record(&self, state: &DestState, name: &str, idx: usize, probe: bool, outcome: Outcome) {
-        let now = Instant::now();
-        let ep = &state.endpoints[idx];
-        let failure = outcome.is_failure();
-        ep.metrics
-            .attempt(&self.inner.metrics, name, &ep.key, failure);
-        let tripped = ep
-            .breaker
-            .lock()
-            .map(|mut b| b.record(!failure, probe, now))
-            .unwrap_or(false);
-        if tripped {
-            let total = state.endpoints.len();
-            let mut ejected = 0;
-            let mut others_failing = true;
-            for (j, other) in state.endpoints.iter().enumerate() {
-                if let Ok(b) = other.breaker.lock() {
-                    if b.is_ejected() {
-                        ejected += 1;
-                    } else if j != idx && !b.trips(now) {
-                        others_failing = false;
-                    }
-                }
-            }
-            let max_pct = state.policy.breaker.max_ejection_percent as usize;
-            if (ejected + 1) * 100 <= max_pct * total || others_failing {
-                let time = ep.breaker.lock().map(|mut b| b.eject(now)).ok();
-                ep.metrics.ejected(&self.inner.metrics, name, &ep.key);
-                tracing::warn!(destination = name, endpoint = %ep.key, ejection = ?time, "endpoint ejected");
-            }
-        }
-        let st = ep
-            .breaker
-            .lock()
-            .map(|b| b.state(now))
-            .unwrap_or(BreakerState::Closed);
-        self.set_gauge(name, ep, st);
+        let collected = http_body_util::Limited::new(body, limit as usize)
+            .collect()
+            .await
+            .map_err(|e| MeshError::BadRequest(format!("reading request body: {e}")))?;
+        Ok(Ok(collected.to_bytes()))
     }
 
     /// Whether `service` is registered (waits up to the discovery timeout for a first answer).
@@ -815,7 +531,6 @@ impl MeshClient {
             Ok(m) => m.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
             Err(_) => Vec::new(),
         };
-        let now = Instant::now();
         let mut out = serde_json::Map::new();
         for (name, dest) in dests {
             let st = dest.current();
@@ -824,15 +539,191 @@ impl MeshClient {
                 serde_json::json!({
                     "inFlight": dest.in_flight.load(Ordering::Relaxed),
                     "policy": format!("{:?}", st.policy.balance),
-                    "endpoints": st.endpoints.iter().zip(&st.meta).map(|(e, (ready, port_name))| serde_json::json!({
-                        "endpoint": e.key, "weight": e.weight, "zone": e.zone, "ready": ready,
-                        "portName": port_name, "inFlight": e.in_flight(),
-                        "breaker": e.breaker.lock().map(|b| b.state(now)).unwrap_or(BreakerState::Closed),
-                    })).collect::<Vec<_>>(),
+                    "endpoints": st.endpoints.to_json(),
                 }),
             );
         }
         serde_json::Value::Object(out)
+    }
+}
+
+/// A request's body for its attempts.
+enum RequestBody {
+    /// Kept whole: every attempt sends a copy.
+    Replayable(Bytes),
+    /// Streamed: the first attempt takes it, there is no second.
+    Once(Option<BoxBody>),
+}
+
+/// One request's attempts: the first, then retries while the outcome is retryable, the
+/// budget allows and endpoints are left.
+struct Attempts<'a> {
+    client: &'a Inner,
+    state: &'a DestState,
+    dest: &'a DestinationMetrics,
+    candidates: &'a [usize],
+    parts: http::request::Parts,
+    body: RequestBody,
+    /// The retry policy, when this request may be retried.
+    retry: Option<&'a RetryConfig>,
+    max: u32,
+    use_h2: bool,
+    /// Endpoints tried so far (a retry prefers another one).
+    tried: Vec<usize>,
+    /// Whether an attempt before the last may have reached the service: read after `run`,
+    /// also when the overall timeout cancelled it.
+    delivered: bool,
+}
+
+type Answer = Result<(Response<BoxBody>, InFlight), MeshError>;
+
+impl Attempts<'_> {
+    async fn run(&mut self) -> Answer {
+        let mut last: Option<Answer> = None;
+        let per_try = self.retry.and_then(|r| r.per_try_timeout);
+        let caller_retries = self
+            .parts
+            .extensions
+            .get::<retry::CallerRetries>()
+            .is_some();
+        let name = self.dest.destination();
+        let labels = MetricLabels {
+            metrics: &self.client.metrics,
+            destination: name,
+        };
+        for attempt in 1..=self.max {
+            if attempt > 1
+                && let Err(answer) = self.wait_for_retry(attempt, &mut last).await
+            {
+                return answer;
+            }
+            let Some(pick) = self.state.endpoints.pick(
+                self.candidates,
+                &self.tried,
+                &self.parts.headers,
+                labels,
+            ) else {
+                // Nothing left to try: report the last real failure if there was one.
+                return last.unwrap_or_else(|| Err(MeshError::CircuitOpen(name.to_string())));
+            };
+            self.tried.push(pick.index);
+            let Some(body) = self.next_body() else { break };
+            // The last possible attempt takes the headers; earlier ones send a copy.
+            let headers = if attempt == self.max {
+                std::mem::take(&mut self.parts.headers)
+            } else {
+                self.parts.headers.clone()
+            };
+            let ep = self.state.endpoints.endpoint(pick).clone();
+            let req = build_request(&self.parts, headers, body, &ep, self.use_h2)?;
+            let (outcome, result) = send_attempt(
+                &ep,
+                pick.probe,
+                req,
+                per_try,
+                self.use_h2,
+                &self.client.pool,
+            )
+            .await;
+            self.state.endpoints.record(pick, outcome, labels);
+            if let Some(prev) = &last {
+                self.delivered |= prev.as_ref().map_or_else(|e| e.maybe_delivered(), |_| true);
+            }
+            let retry = attempt < self.max
+                && self
+                    .retry
+                    .is_some_and(|cfg| retry::is_retryable(cfg, outcome))
+                && (!caller_retries || retry::retried_for_retrying_caller(outcome));
+            last = Some(result);
+            if !retry {
+                break;
+            }
+        }
+        last.unwrap_or_else(|| Err(MeshError::NoEndpoints(name.to_string())))
+    }
+
+    /// Spends retry budget and sleeps the backoff before attempt `attempt`; `Err` holds the
+    /// answer to give instead when there is no budget left.
+    async fn wait_for_retry(&self, attempt: u32, last: &mut Option<Answer>) -> Result<(), Answer> {
+        let name = self.dest.destination();
+        let (Some(cfg), Some((_, budget))) = (self.retry, self.state.budget.as_ref()) else {
+            return Err(last
+                .take()
+                .unwrap_or_else(|| Err(MeshError::NoEndpoints(name.to_string()))));
+        };
+        if !budget.withdraw() {
+            self.client
+                .metrics
+                .budget_exhausted
+                .get_or_create(&ServiceLabels {
+                    destination: name.to_string(),
+                })
+                .inc();
+            return Err(match last.take() {
+                Some(Err(e)) => Err(MeshError::BudgetExhausted {
+                    service: name.to_string(),
+                    last: e.to_string(),
+                    maybe_delivered: e.maybe_delivered(),
+                }),
+                Some(ok) => ok,
+                None => Err(MeshError::NoEndpoints(name.to_string())),
+            });
+        }
+        self.dest.retries().inc();
+        tokio::time::sleep(retry::backoff(cfg, attempt - 1, self.client.cfg.jitter)).await;
+        Ok(())
+    }
+
+    fn next_body(&mut self) -> Option<BoxBody> {
+        match &mut self.body {
+            RequestBody::Replayable(bytes) => Some(body::full(bytes.clone())),
+            RequestBody::Once(body) => body.take(),
+        }
+    }
+}
+
+/// Sends one attempt to `ep`: its outcome for the breaker and retry rules, and its answer.
+async fn send_attempt(
+    ep: &Arc<Endpoint>,
+    probe: bool,
+    req: Request<BoxBody>,
+    per_try: Option<Duration>,
+    use_h2: bool,
+    pool: &PoolConfig,
+) -> (Outcome, Answer) {
+    let in_flight = ep.track();
+    // A probe whose request is cancelled gives its slot back.
+    let mut probe_guard = ProbeGuard {
+        ep: ep.clone(),
+        armed: probe,
+    };
+    let start = Instant::now();
+    let mut fut = std::pin::pin!(ep.send(req, use_h2, pool));
+    let res = match per_try {
+        Some(t) => tokio::time::timeout(t, fut.as_mut()).await.ok(),
+        None => Some(fut.await),
+    };
+    probe_guard.armed = false;
+    match res {
+        None => {
+            ep.observe_rtt(start.elapsed());
+            (
+                Outcome::Timeout,
+                Err(MeshError::Timeout(format!(
+                    "{} (per-try timeout)",
+                    ep.key()
+                ))),
+            )
+        }
+        Some(Ok(resp)) => {
+            ep.observe_rtt(start.elapsed());
+            let status = grpc_status_as_http(resp.headers()).unwrap_or(resp.status());
+            (Outcome::Response(status), Ok((resp, in_flight)))
+        }
+        Some(Err(e)) => {
+            let (outcome, err) = send_failure(ep.key(), e);
+            (outcome, Err(err))
+        }
     }
 }
 
@@ -843,10 +734,8 @@ struct ProbeGuard {
 
 impl Drop for ProbeGuard {
     fn drop(&mut self) {
-        if self.armed
-            && let Ok(mut b) = self.ep.breaker.lock()
-        {
-            b.release_probe();
+        if self.armed {
+            self.ep.breaker(|b| b.release_probe());
         }
     }
 }
@@ -930,10 +819,9 @@ fn build_request(
 ) -> Result<Request<BoxBody>, MeshError> {
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority =
-        Some(ep.authority.clone().ok_or_else(|| {
-            MeshError::BadRequest(format!("bad endpoint address {:?}", ep.address))
-        })?);
+    uri.authority = Some(ep.authority().cloned().ok_or_else(|| {
+        MeshError::BadRequest(format!("bad endpoint address {:?}", ep.address()))
+    })?);
     uri.path_and_query = Some(
         parts
             .uri

@@ -2,12 +2,15 @@
 //! latency) and circuit breaker.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::body::BoxBody;
 use crate::breaker::{Breaker, BreakerConfig};
+use crate::metrics::EndpointMetrics;
+use crate::pool::{Pool, PoolConfig, SendError};
 
 /// Peak-EWMA latency estimate, as in tower's `load::PeakEwma` (same math: a sample above the
 /// current estimate replaces it at once; one below is blended in as
@@ -98,26 +101,30 @@ impl PeakEwma {
 /// Identity of an endpoint within a destination: `address:port`.
 pub type EndpointKey = String;
 
-/// One endpoint and its live state, shared by every request to it.
+/// One endpoint and its live state, shared by every request to it. Its breaker is reached only
+/// through [`Endpoint::breaker`], which keeps the lock-free [`Endpoint::is_closed`] in step.
 #[derive(Debug)]
 pub struct Endpoint {
-    pub key: EndpointKey,
+    key: EndpointKey,
     /// `address:port` (IPv6 in brackets) as a URI authority, parsed once; `None` when the
     /// address is not a valid host (requests to it then fail as bad requests).
-    pub authority: Option<http::uri::Authority>,
-    pub address: String,
-    pub port: u16,
-    pub weight: u32,
-    pub zone: String,
-    pub in_flight: AtomicU32,
-    pub ewma: Mutex<PeakEwma>,
-    pub breaker: Mutex<Breaker>,
+    authority: Option<http::uri::Authority>,
+    address: String,
+    port: u16,
+    weight: u32,
+    zone: String,
+    in_flight: AtomicU32,
+    ewma: Mutex<PeakEwma>,
+    breaker: Mutex<Breaker>,
+    /// Whether the breaker is closed, readable without its lock: the usual request finds every
+    /// breaker closed and takes no breaker lock to choose an endpoint.
+    closed: AtomicBool,
     /// Smooth weighted round-robin's running weight.
-    pub rr_current: AtomicI64,
+    rr_current: AtomicI64,
     /// This endpoint's metric handles (its destination is fixed: endpoints are per destination).
-    pub metrics: crate::metrics::EndpointMetrics,
+    metrics: EndpointMetrics,
     /// Connections to this endpoint.
-    pub pool: crate::pool::Pool,
+    pool: Pool,
 }
 
 impl Endpoint {
@@ -144,14 +151,71 @@ impl Endpoint {
             in_flight: AtomicU32::new(0),
             ewma: Mutex::new(PeakEwma::new(DEFAULT_RTT, DEFAULT_DECAY, now)),
             breaker: Mutex::new(Breaker::new(breaker, now)),
+            closed: AtomicBool::new(true),
             rr_current: AtomicI64::new(0),
             metrics: Default::default(),
             pool: Default::default(),
         }
     }
 
+    /// `address:port`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    pub fn zone(&self) -> &str {
+        &self.zone
+    }
+
+    pub fn authority(&self) -> Option<&http::uri::Authority> {
+        self.authority.as_ref()
+    }
+
+    pub fn metrics(&self) -> &EndpointMetrics {
+        &self.metrics
+    }
+
+    /// Whether this endpoint can stand for discovery's `address:port` with `weight` under
+    /// breaker settings `breaker` (then it keeps its load, breaker and connections).
+    pub fn is_same(&self, key: &str, weight: u32, breaker: &BreakerConfig) -> bool {
+        self.key == key && self.weight == weight.max(1) && self.breaker(|b| b.config() == breaker)
+    }
+
+    /// Runs `f` on the breaker under its lock (a poisoned lock is taken over: the breaker's
+    /// state is plain counters, valid after any panic).
+    pub fn breaker<R>(&self, f: impl FnOnce(&mut Breaker) -> R) -> R {
+        let mut breaker = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        let result = f(&mut breaker);
+        self.closed.store(!breaker.is_ejected(), Ordering::Relaxed);
+        result
+    }
+
+    /// Whether the breaker is closed (traffic flows without a probe), without its lock.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Adds the weight to smooth weighted round-robin's running weight; returns the new value.
+    pub fn rr_advance(&self) -> i64 {
+        let w = i64::from(self.weight);
+        self.rr_current.fetch_add(w, Ordering::Relaxed) + w
+    }
+
+    /// Charges the chosen endpoint the round's total weight.
+    pub fn rr_charge(&self, total: i64) {
+        self.rr_current.fetch_sub(total, Ordering::Relaxed);
     }
 
     /// Peak-EWMA cost: latency estimate times (in-flight + 1), divided by weight; zero for an
@@ -178,6 +242,18 @@ impl Endpoint {
     pub fn track(self: &std::sync::Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Sends `req` on a pooled connection to this endpoint.
+    pub async fn send(
+        &self,
+        req: http::Request<BoxBody>,
+        use_h2: bool,
+        cfg: &PoolConfig,
+    ) -> Result<http::Response<BoxBody>, SendError> {
+        self.pool
+            .send(&self.address, self.port, req, use_h2, cfg)
+            .await
     }
 }
 

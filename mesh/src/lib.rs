@@ -13,6 +13,7 @@ pub(crate) mod breaker;
 pub mod caller;
 pub mod client;
 pub(crate) mod endpoint;
+pub(crate) mod endpoint_set;
 pub mod error;
 pub(crate) mod h1_upstream;
 /// Public for the sidecar's HTTP/2 stream tests (`sidecar/tests/h2_streams.rs`), which drive
