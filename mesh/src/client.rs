@@ -209,7 +209,10 @@ struct Inner {
     discover: Arc<dyn Discover>,
     cfg: ClientConfig,
     metrics: Metrics,
-    destinations: Mutex<HashMap<ServiceKey, Arc<Destination>>>,
+    /// Looked up on every request: foldhash (seeded per map) instead of SipHash costs about 260
+    /// instructions per request less under callgrind; the map holds at most
+    /// `max_destinations` names, which bounds what colliding names could cost.
+    destinations: Mutex<HashMap<ServiceKey, Arc<Destination>, foldhash::fast::RandomState>>,
     pool: PoolConfig,
 }
 
@@ -298,7 +301,7 @@ impl MeshClient {
                 discover,
                 cfg,
                 metrics,
-                destinations: Mutex::new(HashMap::new()),
+                destinations: Mutex::new(HashMap::default()),
                 pool,
             }),
         }
