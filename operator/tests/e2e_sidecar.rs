@@ -15,88 +15,22 @@ use anyhow::{Context, ensure};
 use bytes::Bytes;
 use common::{Operator, create_pod, free_port, http_get, operator_setup, set_pod_status};
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 use parking_lot::Mutex;
 use sagamesh_api::ServiceRegistration;
+use sagamesh_testing::backend::Backend;
 use sagamesh_testing::{TestBed, eventually, test_bed};
 use serde_json::{Value, json};
-use tokio::sync::watch;
 
 // === backends ===
 
-/// An HTTP backend answering `GET /` with its own address; stops gracefully (in-flight
-/// requests finish, idle keep-alive connections close).
-struct Backend {
-    hits: Arc<AtomicU64>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Backend {
-    async fn start(addr: SocketAddr) -> anyhow::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding backend {addr}"))?;
-        let hits = Arc::new(AtomicU64::new(0));
-        let (stop, stop_rx) = watch::channel(false);
-        let name = Bytes::from(addr.ip().to_string());
-        let task = {
-            let hits = hits.clone();
-            tokio::spawn(async move {
-                let mut stop_accept = stop_rx.clone();
-                loop {
-                    let stream = tokio::select! {
-                        a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
-                        _ = async { let _ = stop_accept.wait_for(|s| *s).await; } => return,
-                    };
-                    let hits = hits.clone();
-                    let name = name.clone();
-                    let mut stop_conn = stop_rx.clone();
-                    tokio::spawn(async move {
-                        let svc = service_fn(move |_req| {
-                            hits.fetch_add(1, Ordering::Relaxed);
-                            let body = name.clone();
-                            async move {
-                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                                    body,
-                                )))
-                            }
-                        });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc);
-                        let mut conn = std::pin::pin!(conn);
-                        tokio::select! {
-                            _ = conn.as_mut() => {}
-                            _ = async { let _ = stop_conn.wait_for(|s| *s).await; } => {
-                                conn.as_mut().graceful_shutdown();
-                                let _ = conn.await;
-                            }
-                        }
-                    });
-                }
-            })
-        };
-        Ok(Backend { hits, stop, task })
-    }
-
-    fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
-    }
-
-    async fn stop(mut self) {
-        self.stop.send_replace(true);
-        let _ = (&mut self.task).await;
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop.send_replace(true);
-    }
+/// A backend on 127.0.0.`host`, answering with its own address (its name).
+fn backend(host: u8, port: u16) -> Backend {
+    let addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, host), port));
+    Backend::start_at(&addr.ip().to_string(), addr)
 }
 
 /// A port free on 127.0.0.1 to 127.0.0.5 at once (pods share their targetPort).
@@ -250,9 +184,9 @@ async fn wait_sidecar_view(admin: SocketAddr, hosts: &[u8]) -> anyhow::Result<()
 async fn wait_traffic(
     backends: &BTreeMap<u8, Backend>,
     hosts: &[u8],
-    n: u64,
+    n: usize,
 ) -> anyhow::Result<()> {
-    let start: BTreeMap<u8, u64> = hosts.iter().map(|h| (*h, backends[h].hits())).collect();
+    let start: BTreeMap<u8, usize> = hosts.iter().map(|h| (*h, backends[h].hits())).collect();
     let start = &start;
     eventually(
         &format!("traffic on {hosts:?}"),
@@ -297,10 +231,7 @@ async fn sidecar_traffic_survives_scaling_and_an_operator_restart_with_zero_fail
         // Three pods, each a real backend that listens before it is marked Ready.
         let mut backends = BTreeMap::new();
         for i in 1..=3u8 {
-            backends.insert(
-                i,
-                Backend::start(SocketAddr::from((Ipv4Addr::new(127, 0, 0, i), port))).await?,
-            );
+            backends.insert(i, backend(i, port));
             add_pod(&client, &ns, i).await?;
         }
 
@@ -315,12 +246,12 @@ async fn sidecar_traffic_survives_scaling_and_an_operator_restart_with_zero_fail
         wait_sidecar_view(sidecar_admin, &[1, 2, 3]).await?;
 
         // Balanced across all three (round robin: each gets about a third).
-        let before: Vec<u64> = (1..=3).map(|i| backends[&i].hits()).collect();
+        let before: Vec<usize> = (1..=3).map(|i| backends[&i].hits()).collect();
         wait_traffic(&backends, &[1, 2, 3], 100).await?;
-        let delta: Vec<u64> = (1..=3)
+        let delta: Vec<usize> = (1..=3)
             .map(|i| backends[&i].hits() - before[i as usize - 1])
             .collect();
-        let total: u64 = delta.iter().sum();
+        let total: usize = delta.iter().sum();
         eprintln!("3 pods: requests per backend {delta:?}");
         ensure!(
             delta.iter().all(|d| *d * 5 >= total),
@@ -329,10 +260,7 @@ async fn sidecar_traffic_survives_scaling_and_an_operator_restart_with_zero_fail
 
         // Scale 3 -> 5.
         for i in 4..=5u8 {
-            backends.insert(
-                i,
-                Backend::start(SocketAddr::from((Ipv4Addr::new(127, 0, 0, i), port))).await?,
-            );
+            backends.insert(i, backend(i, port));
             add_pod(&client, &ns, i).await?;
         }
         wait_sidecar_view(sidecar_admin, &[1, 2, 3, 4, 5]).await?;
@@ -350,14 +278,14 @@ async fn sidecar_traffic_survives_scaling_and_an_operator_restart_with_zero_fail
             .await?;
         }
         wait_sidecar_view(sidecar_admin, &[1, 2]).await?;
-        let seen: Vec<u64> = (3..=5u8).map(|i| backends[&i].hits()).collect();
+        let seen: Vec<usize> = (3..=5u8).map(|i| backends[&i].hits()).collect();
         // The preStop wait: until nothing new has reached the removed pods for 500ms.
         let mut last = seen.clone();
         let mut quiet_since = tokio::time::Instant::now();
         let deadline = quiet_since + Duration::from_secs(10);
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let now: Vec<u64> = (3..=5u8).map(|i| backends[&i].hits()).collect();
+            let now: Vec<usize> = (3..=5u8).map(|i| backends[&i].hits()).collect();
             if now != last {
                 last = now;
                 quiet_since = tokio::time::Instant::now();
@@ -377,7 +305,7 @@ async fn sidecar_traffic_survives_scaling_and_an_operator_restart_with_zero_fail
                 .collect::<Vec<_>>()
         );
         for i in 3..=5u8 {
-            if let Some(b) = backends.remove(&i) {
+            if let Some(mut b) = backends.remove(&i) {
                 b.stop().await;
             }
         }
@@ -412,10 +340,7 @@ async fn sidecar_traffic_survives_scaling_and_an_operator_restart_with_zero_fail
         .await?;
         wait_traffic(&backends, &[1, 2], 100).await?;
         // The new operator pushes changes: scale 2 -> 3 again.
-        backends.insert(
-            3,
-            Backend::start(SocketAddr::from((Ipv4Addr::new(127, 0, 0, 3), port))).await?,
-        );
+        backends.insert(3, backend(3, port));
         add_pod(&client, &ns, 3).await?;
         wait_sidecar_view(sidecar_admin, &[1, 2, 3]).await?;
         wait_traffic(&backends, &[1, 2, 3], 50).await?;

@@ -37,9 +37,14 @@ pub struct AdminState {
     pub ready: watch::Receiver<bool>,
 }
 
-/// A plain response with a content type (admin servers and the webhook answer these).
-pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+/// A plain response with a content type (the admin servers, the sidecar's included, and the
+/// webhook answer these).
+pub fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -57,7 +62,7 @@ pub fn respond(
 ) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if method != Method::GET && method != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n".into());
+        return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n");
     }
     match path {
         "/metrics" => match state.metrics.encode() {
@@ -68,22 +73,22 @@ pub fn respond(
             Err(_) => text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 PLAIN,
-                "encoding failed\n".into(),
+                "encoding failed\n",
             ),
         },
-        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
+        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n"),
         "/readyz" => {
             if *state.ready.borrow() {
-                text(StatusCode::OK, PLAIN, "ready\n".into())
+                text(StatusCode::OK, PLAIN, "ready\n")
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     PLAIN,
-                    "initial sync not done\n".into(),
+                    "initial sync not done\n",
                 )
             }
         }
-        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n".into()),
+        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
 }
 

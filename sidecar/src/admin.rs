@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::proxy::text;
-use sagamesh_mesh::body::BoxBody;
+use bytes::Bytes;
+use http_body_util::Full;
 use sagamesh_mesh::client::MeshClient;
+use sagamesh_server::admin::text;
 use sagamesh_server::exposition;
 
 /// Admin handler state.
@@ -20,7 +21,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
         }

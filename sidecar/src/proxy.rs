@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -418,17 +418,4 @@ impl Inbound {
             Err(e) => Err(send_failure(&self.app.to_string(), e).1),
         }
     }
-}
-
-/// A plain response (admin).
-pub fn text(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<bytes::Bytes>,
-) -> Response<BoxBody> {
-    let mut r = Response::new(body::full(body));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
 }

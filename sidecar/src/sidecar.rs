@@ -17,6 +17,8 @@ use sagamesh_discovery::file::{
 };
 use sagamesh_discovery::grpc::{GrpcDiscovery, RECONNECT_BACKOFF};
 use sagamesh_discovery::{Discover, StaticDiscovery};
+use http_body_util::BodyExt;
+use sagamesh_mesh::body;
 use sagamesh_mesh::client::{ClientConfig, MeshClient};
 use sagamesh_mesh::metrics::Metrics;
 use sagamesh_mesh::pool::PoolConfig;
@@ -198,7 +200,11 @@ impl Sidecar {
             std::time::Duration::from_secs(1),
             move |req, _peer| {
                 let a = admin.clone();
-                async move { a.handle(req).await }
+                async move {
+                    a.handle(req)
+                        .await
+                        .map(|b| body::boxed(b.map_err(|never| match never {})))
+                }
             },
         ));
         tracing::info!(%outbound_addr, ?inbound_addr, %admin_addr, "sidecar started");

@@ -7,8 +7,10 @@
 //! - [`TestBed::with_namespace`] runs a test body in a fresh namespace and deletes it afterwards,
 //!   also when the body panics.
 
+pub mod backend;
 pub mod fixtures;
 pub mod saga;
+pub mod server;
 pub mod shop;
 pub mod stats;
 

@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -11,10 +10,10 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, body::Incoming};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+
+use crate::server::{TestServer, handler};
 
 /// How a path prefix misbehaves.
 #[derive(Debug, Clone)]
@@ -46,38 +45,42 @@ struct State {
     next_id: u64,
 }
 
-/// One test service on 127.0.0.1.
+/// One test service on 127.0.0.1, served by a [`TestServer`] (HTTP/1.1 and h2c, its own
+/// runtime); it stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct TestService {
     pub name: String,
     pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
+    _server: Arc<TestServer>,
+}
+
+/// What the request handler needs (not the server itself, which owns the handler).
+struct Shared {
+    name: String,
+    state: Mutex<State>,
 }
 
 impl TestService {
     pub async fn start(name: &str) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let service = Self {
+        let shared = Arc::new(Shared {
             name: name.to_string(),
-            addr: listener.local_addr()?,
-            state: Arc::default(),
-        };
-        let handler = service.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let handler = handler.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let handler = handler.clone();
-                        async move { Ok::<_, Infallible>(handler.handle(req).await) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+            state: Mutex::default(),
         });
-        Ok(service)
+        let answer = {
+            let shared = shared.clone();
+            handler(move |req| {
+                let shared = shared.clone();
+                async move { shared.handle(req).await }
+            })
+        };
+        let server = TestServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), answer);
+        Ok(Self {
+            name: name.to_string(),
+            addr: server.addr(),
+            shared,
+            _server: Arc::new(server),
+        })
     }
 
     pub fn fault(&self, path_prefix: &str, fault: Fault) {
@@ -92,6 +95,12 @@ impl TestService {
         self.lock().effects.clone()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+}
+
+impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
