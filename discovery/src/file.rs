@@ -128,48 +128,34 @@ fn run_checker(
             source,
         })?;
     // Both pipes are drained while the child runs, or a large report would block it.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
-    let status = loop {
+    let failed = loop {
         match child.try_wait() {
-            Ok(Some(status)) => break status,
+            Ok(Some(status)) => break Ok(status),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
             Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(CheckerError::Timeout {
+                break Err(CheckerError::Timeout {
                     program: program.to_path_buf(),
                     timeout,
                 });
             }
             Err(source) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(CheckerError::Wait {
+                break Err(CheckerError::Wait {
                     program: program.to_path_buf(),
                     source,
                 });
             }
+        }
+    };
+    let status = match failed {
+        Ok(status) => status,
+        Err(e) => {
+            // Killed by its PID (the handle), then reaped.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
         }
     };
     let stdout = stdout.join().unwrap_or_default();
@@ -184,6 +170,17 @@ fn run_checker(
     serde_json::from_slice(&stdout).map_err(|source| CheckerError::Report {
         program: program.to_path_buf(),
         source,
+    })
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
     })
 }
 

@@ -12,12 +12,12 @@ use tokio::task::JoinHandle;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::proxy::{Inbound, Limits, Outbound, serve};
+use http_body_util::BodyExt;
 use sagamesh_discovery::file::{
     CHECKER_PROGRAM, CHECKER_TIMEOUT, CheckerError, FileDiscovery, ManifestChecker,
 };
 use sagamesh_discovery::grpc::{GrpcDiscovery, RECONNECT_BACKOFF};
 use sagamesh_discovery::{Discover, StaticDiscovery};
-use http_body_util::BodyExt;
 use sagamesh_mesh::body;
 use sagamesh_mesh::client::{ClientConfig, MeshClient};
 use sagamesh_mesh::metrics::Metrics;
